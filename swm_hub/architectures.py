@@ -1,0 +1,92 @@
+"""What swm-hub must know about each decoder architecture, as data.
+
+Depth merging needs little per architecture: where the decoder layers sit (everything under
+``{layers_path}.{i}.`` belongs to layer i), where the final norm sits (to turn a hidden state into logits),
+which config key counts the layers, and which config fields describe one layer each and so must be rewritten
+when layers go. Those fields come in kinds, each with its own rewrite (see ``config_rewrite``). Nothing
+outside this module branches on ``model_type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from swm_hub.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """One family of decoder-only causal LMs, keyed by ``model_type``.
+
+    Attributes:
+        layers_path: dotted attribute path of the decoder ``ModuleList`` in the ``*ForCausalLM`` model; it is
+            also the state-dict prefix of the layers.
+        final_norm_path: dotted path of the norm applied after the last layer, before the LM head.
+        count_key: the ``config.json`` key that holds the number of layers.
+        layer_indexed_fields: lists with one entry per layer (``layer_types``); keep the surviving entries.
+        layer_number_fields: lists of layer numbers (``mlp_only_layers``); renumber and drop merged ones.
+        cutoff_fields: a layer number below which something applies (``max_window_layers``); recompute.
+        pattern_fields: scalars that imply ``layer_types`` (``_sliding_window_pattern``); the rewrite writes
+            the explicit list, so these stay as they are but no longer decide anything.
+        logit_softcap_key: config key of a final logit soft-capping (Gemma 2/3), applied after the LM head.
+    """
+
+    layers_path: str
+    final_norm_path: str
+    count_key: str = "num_hidden_layers"
+    layer_indexed_fields: tuple[str, ...] = ()
+    layer_number_fields: tuple[str, ...] = ()
+    cutoff_fields: tuple[str, ...] = ()
+    pattern_fields: tuple[str, ...] = ()
+    logit_softcap_key: str | None = None
+
+
+_LLAMA_LIKE = ArchitectureSpec(layers_path="model.layers", final_norm_path="model.norm")
+_QWEN = ArchitectureSpec(
+    layers_path="model.layers",
+    final_norm_path="model.norm",
+    layer_indexed_fields=("layer_types",),
+    cutoff_fields=("max_window_layers",),
+)
+
+ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "qwen2": _QWEN,
+    "qwen3": _QWEN,
+    "gemma2": ArchitectureSpec(
+        layers_path="model.layers",
+        final_norm_path="model.norm",
+        layer_indexed_fields=("layer_types",),
+        logit_softcap_key="final_logit_softcapping",
+    ),
+    "gemma3_text": ArchitectureSpec(
+        layers_path="model.layers",
+        final_norm_path="model.norm",
+        layer_indexed_fields=("layer_types",),
+        pattern_fields=("_sliding_window_pattern", "sliding_window_pattern"),
+        logit_softcap_key="final_logit_softcapping",
+    ),
+    "gpt2": ArchitectureSpec(layers_path="transformer.h", final_norm_path="transformer.ln_f", count_key="n_layer"),
+    "gpt_neox": ArchitectureSpec(layers_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm"),
+}
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The model types that swm-hub can merge, sorted for messages."""
+    return tuple(sorted(ARCHITECTURES))
+
+
+def spec_for(model_type: str | None) -> ArchitectureSpec:
+    """The registry entry of ``model_type``, or an error naming what is supported."""
+    if model_type is None or model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(str(model_type), supported_model_types())
+    return ARCHITECTURES[model_type]
+
+
+def spec_for_config(config: Any) -> ArchitectureSpec:
+    """The registry entry of a transformers ``PretrainedConfig`` (or anything with ``model_type``)."""
+    return spec_for(getattr(config, "model_type", None))
