@@ -31,6 +31,9 @@ class ArchitectureSpec:
         pattern_fields: scalars that imply ``layer_types`` (``_sliding_window_pattern``); the rewrite writes
             the explicit list, so these stay as they are but no longer decide anything.
         logit_softcap_key: config key of a final logit soft-capping (Gemma 2/3), applied after the LM head.
+        mlp_out_path: the MLP's output projection inside a layer, whose output is added to the residual stream
+            as is; the least-squares consolidation refits it. None where a norm follows it (Gemma 2/3), which
+            makes the fit non-linear: those architectures merge without the fit.
     """
 
     layers_path: str
@@ -41,6 +44,7 @@ class ArchitectureSpec:
     cutoff_fields: tuple[str, ...] = ()
     pattern_fields: tuple[str, ...] = ()
     logit_softcap_key: str | None = None
+    mlp_out_path: str | None = "mlp.down_proj"
 
 
 _LLAMA_LIKE = ArchitectureSpec(layers_path="model.layers", final_norm_path="model.norm")
@@ -62,6 +66,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         final_norm_path="model.norm",
         layer_indexed_fields=("layer_types",),
         logit_softcap_key="final_logit_softcapping",
+        mlp_out_path=None,
     ),
     "gemma3_text": ArchitectureSpec(
         layers_path="model.layers",
@@ -69,9 +74,19 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         layer_indexed_fields=("layer_types",),
         pattern_fields=("_sliding_window_pattern", "sliding_window_pattern"),
         logit_softcap_key="final_logit_softcapping",
+        mlp_out_path=None,
     ),
-    "gpt2": ArchitectureSpec(layers_path="transformer.h", final_norm_path="transformer.ln_f", count_key="n_layer"),
-    "gpt_neox": ArchitectureSpec(layers_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm"),
+    "gpt2": ArchitectureSpec(
+        layers_path="transformer.h",
+        final_norm_path="transformer.ln_f",
+        count_key="n_layer",
+        mlp_out_path="mlp.c_proj",
+    ),
+    "gpt_neox": ArchitectureSpec(
+        layers_path="gpt_neox.layers",
+        final_norm_path="gpt_neox.final_layer_norm",
+        mlp_out_path="mlp.dense_4h_to_h",
+    ),
 }
 
 

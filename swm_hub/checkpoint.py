@@ -1,0 +1,230 @@
+"""Writing a merged model folder without ever losing what was there before.
+
+The merged model is never built by slicing a live ``nn.ModuleList`` (each layer would keep a stale
+``layer_idx`` for its cache): the merged state dict is renamed to consecutive layer numbers, loaded into a
+fresh model built from the rewritten config, written into a temporary folder beside the target, moved into
+place with ``os.replace``, and reloaded from disk as a check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from swm_hub.architectures import spec_for_config
+from swm_hub.config_rewrite import check_kept
+from swm_hub.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
+
+__all__ = ["build_model", "output_folder", "save_model_folder", "state_dict_for", "verify_folder_loads"]
+
+logger = logging.getLogger(__name__)
+
+_NO_EXTRA_FILES: Mapping[str, str | bytes] = MappingProxyType({})
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+
+@contextmanager
+def output_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes ``target`` only if the block finishes.
+
+    A refusal happens before any work, so a user does not wait for a merge that cannot be saved. The
+    temporary folder sits beside the target so that the final move is a same-filesystem rename: the target
+    is either the old folder or the complete new one, never a half-written mix.
+    """
+    target = Path(target).absolute()
+    _refuse_existing(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = _make_sibling(target, "tmp")
+    try:
+        yield temp
+        _move_into_place(temp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
+    """Refuse a target holding files unless told to overwrite; a plain file is never a model folder."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise OutputExistsError(target)
+    if not overwrite and any(target.iterdir()):
+        raise OutputExistsError(target)
+
+
+def _make_sibling(target: Path, role: str) -> Path:
+    """Create a fresh hidden folder beside ``target``; ``mkdir`` (not ``mkdtemp``) so the umask applies."""
+    while True:
+        candidate = target.parent / f".{target.name}.{role}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
+    """Rename ``temp`` to ``target``, checking the target again since it may have changed meanwhile."""
+    _refuse_existing(target, overwrite)
+    if target.is_dir() and any(target.iterdir()):
+        _swap(temp, target)
+    else:
+        _replace_empty(temp, target)
+
+
+def _swap(temp: Path, target: Path) -> None:
+    """Replace a non-empty target: set it aside, move the new one in, and restore the old one on failure."""
+    aside = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    os.replace(target, aside)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():
+        logger.warning("could not delete %s, the previous output folder; remove it by hand", aside)
+
+
+def _replace_empty(temp: Path, target: Path) -> None:
+    """Rename onto a missing or empty target; files that appeared meanwhile are refused, not replaced."""
+    try:
+        os.replace(temp, target)
+    except OSError as error:
+        if target.exists() and any(target.iterdir()):
+            raise OutputExistsError(target) from error
+        raise
+
+
+def state_dict_for(
+    kept: Sequence[int], state_dict: Mapping[str, torch.Tensor], layers_path: str
+) -> dict[str, torch.Tensor]:
+    """Renumber the kept layers' tensors to consecutive positions and drop the merged-away layers.
+
+    Tensors outside the layers (embeddings, final norm, head) pass through untouched, and no tensor is
+    copied: the result shares storage with the input.
+    """
+    prefix = f"{layers_path}."
+    by_layer = _split_layer_keys(state_dict, prefix)
+    if not by_layer:
+        raise PlanMismatchError(f"the state dict holds no tensor under {prefix!r}")
+    check_kept(kept, max(by_layer) + 1)
+    missing = sorted(set(kept) - set(by_layer))
+    if missing:
+        raise PlanMismatchError(f"the state dict holds no tensor for kept layers {missing}")
+    renamed = {key: tensor for key, tensor in state_dict.items() if not key.startswith(prefix)}
+    for position, index in enumerate(kept):
+        for rest in by_layer[index]:
+            renamed[f"{prefix}{position}.{rest}"] = state_dict[f"{prefix}{index}.{rest}"]
+    return renamed
+
+
+def _split_layer_keys(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[int, list[str]]:
+    """Map each layer number to the key suffixes found under it."""
+    by_layer: dict[int, list[str]] = {}
+    for key in state_dict:
+        if not key.startswith(prefix):
+            continue
+        number, _, rest = key[len(prefix) :].partition(".")
+        if not number.isdigit() or not rest:
+            raise PlanMismatchError(f"state dict key {key!r} is under {prefix!r} but names no layer number")
+        by_layer.setdefault(int(number), []).append(rest)
+    return by_layer
+
+
+def build_model(config_dict: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+    """Build the ``*ForCausalLM`` of ``config_dict`` around the given tensors, without allocating weights twice.
+
+    Parameters start on the meta device and are replaced by the state dict's own tensors (``assign=True``);
+    buffers are created for real because the non-persistent ones (rotary ``inv_freq``, GPT-2's causal mask,
+    Gemma's ``embed_scale``) are in no state dict and must be computed from the config.
+    """
+    config = AutoConfig.for_model(**config_dict)
+    with init_empty_weights(include_buffers=False):
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    result = model.load_state_dict(dict(state_dict), strict=False, assign=True)
+    model.tie_weights()  # type: ignore[no-untyped-call]
+    _check_loaded(model, result.unexpected_keys)
+    model.train(False)
+    return model
+
+
+def _check_loaded(model: torch.nn.Module, unexpected_keys: Sequence[str]) -> None:
+    """Refuse a model with tensors left on meta or tensors that fit nowhere.
+
+    A key missing from the state dict is fine only when tying filled it (``lm_head`` sharing the
+    embeddings); checking what is still on meta afterwards covers that without naming any architecture.
+    """
+    missing = sorted({name for name, tensor in _named_tensors(model) if tensor.is_meta})
+    if missing or unexpected_keys:
+        raise PlanMismatchError(
+            f"the state dict does not fit the config: missing {missing}, unexpected {sorted(unexpected_keys)}"
+        )
+
+
+def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def save_model_folder(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    folder: Path,
+    max_shard_size: str = "2GB",
+    extra_files: Mapping[str, str | bytes] = _NO_EXTRA_FILES,
+) -> None:
+    """Write everything a user needs to ``from_pretrained`` the model, plus swm-hub's own records.
+
+    Meant for the temporary folder of ``output_folder``: it writes into ``folder`` without checking what is
+    there. Extra files are plain names inside the folder so that a plan can never write elsewhere.
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, content in extra_files.items():
+        _write_extra_file(folder, name, content)
+
+
+def _write_extra_file(folder: Path, name: str, content: str | bytes) -> None:
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"extra file name {name!r} must be a plain file name inside the model folder")
+    path = folder / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+
+
+def verify_folder_loads(folder: Path, expected_layers: int) -> None:
+    """Reload the written folder the way a user would, so a broken save fails here rather than for them."""
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, dtype="auto")
+    except _LOAD_ERRORS as error:
+        raise CorruptWeightsError(folder, f"it does not load: {error}") from error
+    model, info = loaded
+    problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        raise CorruptWeightsError(folder, f"weights do not match the config: {problems}")
+    spec = spec_for_config(model.config)
+    built = len(model.get_submodule(spec.layers_path))
+    declared = getattr(model.config, spec.count_key)
+    if built != expected_layers or declared != expected_layers:
+        raise CorruptWeightsError(
+            folder, f"it has {built} layers and its config says {declared}, expected {expected_layers}"
+        )

@@ -1,0 +1,127 @@
+"""Run a decoder one layer at a time from cached inputs.
+
+Window search scores many candidate models that differ only from some layer upwards. One forward pass of
+the original model records what enters every decoder layer: the hidden state and the other call arguments
+(rotary embeddings, the attention mask of that layer's attention type). A candidate is then scored by
+running only the layers from its window upwards, starting from the cached hidden state, which is exact
+because the layers below the window are untouched. Capturing the call arguments with hooks, instead of
+rebuilding them, keeps this free of per-architecture code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from swm_hub.architectures import ArchitectureSpec, spec_for_config
+
+LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
+    """The module at a dotted path of the registry (``model.layers``)."""
+    return model.get_submodule(dotted)
+
+
+def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
+    """The decoder ``ModuleList`` named by the registry."""
+    layers = get_submodule(model, spec.layers_path)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{spec.layers_path} is a {type(layers).__name__}, not a ModuleList")
+    return layers
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden state a decoder layer returned: a tensor, or the first item of a tuple (GPT-2, Gemma)."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"a decoder layer returned {type(hidden).__name__}, not a tensor")
+    return hidden
+
+
+@dataclass
+class BatchTrace:
+    """What entered each decoder layer for one batch of calibration tokens.
+
+    Attributes:
+        hidden: ``hidden[i]`` entered layer ``i``; ``hidden[L]`` left the last layer (before the final norm).
+        calls: the other arguments of each layer's call (positional after the hidden state, and keywords).
+    """
+
+    hidden: list[torch.Tensor]
+    calls: list[LayerCall]
+
+
+@contextmanager
+def _recording_hooks(layers: nn.ModuleList, trace: BatchTrace) -> Iterator[None]:
+    """Record each layer's input and call arguments, and the last layer's output; always remove the hooks."""
+
+    def before(index: int) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            trace.hidden[index] = hidden.detach()
+            trace.calls[index] = (tuple(args[1:]), rest_kwargs)
+
+        return hook
+
+    def after(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        trace.hidden[len(layers)] = hidden_of(output).detach()
+
+    handles: list[RemovableHandle] = [
+        layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    handles.append(layers[-1].register_forward_hook(after))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def trace_batch(model: nn.Module, input_ids: torch.Tensor) -> BatchTrace:
+    """Run the whole model once on a batch and record what enters every layer."""
+    spec = spec_for_config(model.config)
+    layers = decoder_layers(model, spec)
+    count = len(layers)
+    empty: LayerCall = ((), {})
+    trace = BatchTrace(hidden=[torch.empty(0)] * (count + 1), calls=[empty] * count)
+    with _recording_hooks(layers, trace):
+        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+    return trace
+
+
+@torch.no_grad()
+def run_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, calls: Sequence[LayerCall]) -> torch.Tensor:
+    """Apply ``layers`` in order, each with the call arguments recorded for the position it stands in."""
+    for layer, (args, kwargs) in zip(layers, calls, strict=True):
+        hidden = hidden_of(layer(hidden, *args, **kwargs))
+    return hidden
+
+
+class LogitHead:
+    """Turns a last-layer hidden state into logits, as the model's own forward does after its layers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        spec = spec_for_config(model.config)
+        self.norm = get_submodule(model, spec.final_norm_path)
+        output_embeddings = model.get_output_embeddings()  # type: ignore[operator]
+        if not isinstance(output_embeddings, nn.Module):
+            raise TypeError("the model has no output embeddings")
+        self.lm_head = output_embeddings
+        cap = getattr(model.config, spec.logit_softcap_key, None) if spec.logit_softcap_key else None
+        self.softcap: float | None = float(cap) if cap else None
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.lm_head(self.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

