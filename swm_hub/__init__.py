@@ -1,5 +1,23 @@
-"""swm-hub: make LLMs shallower by Sliding-Window Merging of redundant decoder layers."""
+"""swm-hub: make LLMs shallower by Sliding-Window Merging of redundant decoder layers.
 
-__version__ = "0.1.0"
+The Python API mirrors the command line: ``analyze`` and ``compress`` take a model name (Hub id, folder,
+.gguf file or ``smollm2``) and return result objects; the options are frozen dataclasses.
+"""
 
-__all__ = ["__version__"]
+from swm_hub.analyze import SimilarityReport
+from swm_hub.merge import MergeResult
+from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.pipeline import analyze, compress
+from swm_hub.plan import MergePlan
+from swm_hub.version import __version__
+
+__all__ = [
+    "CalibrationOptions",
+    "MergeOptions",
+    "MergePlan",
+    "MergeResult",
+    "SimilarityReport",
+    "__version__",
+    "analyze",
+    "compress",
+]

@@ -27,7 +27,14 @@ from swm_hub.architectures import spec_for_config
 from swm_hub.config_rewrite import check_kept
 from swm_hub.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
 
-__all__ = ["build_model", "output_folder", "save_model_folder", "state_dict_for", "verify_folder_loads"]
+__all__ = [
+    "build_model",
+    "output_folder",
+    "refuse_existing_output",
+    "save_model_folder",
+    "state_dict_for",
+    "verify_folder_loads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ def output_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     is either the old folder or the complete new one, never a half-written mix.
     """
     target = Path(target).absolute()
-    _refuse_existing(target, overwrite)
+    refuse_existing_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = _make_sibling(target, "tmp")
     try:
@@ -55,7 +62,7 @@ def output_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def _refuse_existing(target: Path, overwrite: bool) -> None:
+def refuse_existing_output(target: Path, overwrite: bool) -> None:
     """Refuse a target holding files unless told to overwrite; a plain file is never a model folder."""
     if not (target.exists() or target.is_symlink()):
         return
@@ -78,7 +85,7 @@ def _make_sibling(target: Path, role: str) -> Path:
 
 def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
     """Rename ``temp`` to ``target``, checking the target again since it may have changed meanwhile."""
-    _refuse_existing(target, overwrite)
+    refuse_existing_output(target, overwrite)
     if target.is_dir() and any(target.iterdir()):
         _swap(temp, target)
     else:

@@ -1,220 +1,225 @@
-"""Consolidate a window of consecutive decoder layers into one layer.
+"""The merge stage: choose windows, consolidate each into one layer, and write a loadable model folder.
 
-A rule combines the parameters of the window's layers into the parameters of its lowest layer, which takes
-the window's place. Normalisation weights always stay those of the lowest layer (the layer's input still
-comes from below it); attention and MLP weights are combined by the rule.
-
-The ``fit`` rule adds a correction that the parameter-space rules lack: after combining, it refits the
-MLP's output projection by ridge regression so that the one layer reproduces, on calibration data, the
-hidden state that the whole window produced. This is a linear least-squares problem because that
-projection's output is added to the residual stream as is.
+The merged model is never assembled by slicing the live model's ``ModuleList`` (each layer keeps a stale
+``layer_idx``): its state dict and rewritten config are written to a temporary folder, reloaded with plain
+``AutoModelForCausalLM.from_pretrained`` as a check, and only then moved into place.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from swm_hub.architectures import ArchitectureSpec
-from swm_hub.layer_trace import BatchTrace, hidden_of
+from swm_hub.analyze import calibration_batches, calibration_record, trace_calibration
+from swm_hub.architectures import ArchitectureSpec, spec_for_config
+from swm_hub.calibration import TextSource
+from swm_hub.checkpoint import (
+    build_model,
+    output_folder,
+    refuse_existing_output,
+    save_model_folder,
+    state_dict_for,
+    verify_folder_loads,
+)
+from swm_hub.config_rewrite import kept_layers, rewrite_config
+from swm_hub.consolidate import MERGE_RULES, consolidate
+from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
+from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
+from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.plan import PLAN_FILE, MergePlan
+from swm_hub.pull import LoadedModel
+from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
 
-ParamDict = dict[str, torch.Tensor]
-Combine = Callable[[Sequence[ParamDict], frozenset[str]], ParamDict]
-
-PAPER_URL = "https://arxiv.org/abs/2502.19159"
-LACO_URL = "https://arxiv.org/abs/2402.11187"
-SHORTGPT_URL = "https://arxiv.org/abs/2403.03853"
-
-
-def _combine_each(params: Sequence[ParamDict], mergeable: frozenset[str], fn: Combine) -> ParamDict:
-    """Apply ``fn`` to the mergeable tensors and keep the lowest layer's value for the others."""
-    merged = fn(params, mergeable)
-    return {name: merged.get(name, tensor) for name, tensor in params[0].items()}
-
-
-def _keep_lowest(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    return dict(params[0])
-
-
-def _laco_sum(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    base = params[0]
-    return {
-        n: base[n] + sum((p[n] - base[n] for p in params[1:]), torch.zeros_like(base[n])) for n in mergeable
-    }
-
-
-def _mean(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    return {n: torch.stack([p[n] for p in params]).mean(dim=0) for n in mergeable}
-
-
-def _running_difference(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    """The public SWM code's loop: add (theta_k - current) with weight 1, so the top layer's value wins."""
-    merged = {n: params[0][n].clone() for n in mergeable}
-    for layer in params[1:]:
-        for n in mergeable:
-            merged[n] += layer[n] - merged[n]
-    return merged
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MergeRule:
-    """How a window's parameters become one layer's.
+class MergeResult:
+    """What the merge stage wrote, with the counts a card or a summary needs."""
 
-    Attributes:
-        combine: parameter-space combination of the mergeable (non-norm) tensors.
-        refit: whether the MLP output projection is then refitted on calibration data.
-        summary: one line for help texts and model cards.
-        reference: where the rule comes from.
+    output_dir: Path
+    plan: MergePlan
+    params_before: int
+    params_after: int
+
+
+def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:
+    """How many layers the target asks to remove, or None when a threshold decides.
+
+    Windows never include the first or the last layer, so at most ``num_layers - 3`` layers can go (all
+    inner layers merged into one) and at least three stay.
     """
-
-    combine: Combine
-    refit: bool
-    summary: str
-    reference: str
-
-
-MERGE_RULES: Mapping[str, MergeRule] = {
-    "fit": MergeRule(
-        _keep_lowest,
-        refit=True,
-        summary="lowest layer's weights, MLP output projection refitted by ridge regression to reproduce the "
-        "window's output on calibration data",
-        reference=PAPER_URL,
-    ),
-    "laco": MergeRule(
-        _laco_sum,
-        refit=False,
-        summary="lowest layer plus the sum of each layer's difference from it (the paper's consolidation, LaCo style)",
-        reference=LACO_URL,
-    ),
-    "swm-code": MergeRule(
-        _running_difference,
-        refit=False,
-        summary="the public SWM code's running-difference loop (the top layer's attention and MLP weights)",
-        reference=PAPER_URL,
-    ),
-    "mean": MergeRule(_mean, refit=False, summary="average of the window's weights", reference=PAPER_URL),
-    "drop": MergeRule(
-        _keep_lowest,
-        refit=False,
-        summary="lowest layer as it is; the rest of the window is dropped",
-        reference=SHORTGPT_URL,
-    ),
-}
+    if options.target_layers is not None:
+        requested, removed = f"--target-layers {options.target_layers}", num_layers - options.target_layers
+    elif options.ratio is not None:
+        requested, removed = f"--ratio {options.ratio}", round(num_layers * options.ratio)
+    else:
+        return None
+    most = num_layers - 3
+    if not 1 <= removed <= most:
+        raise ImpossibleTargetError(
+            requested,
+            num_layers,
+            f"the model has {num_layers} layers; keep between 3 and {num_layers - 1} "
+            f"(remove between 1 and {most}), e.g. --target-layers {max(3, num_layers - max(1, num_layers // 5))}",
+        )
+    return removed
 
 
-def norm_parameter_names(layer: nn.Module) -> frozenset[str]:
-    """Parameters of the normalisation modules of a layer, found by module type rather than by name."""
-    names: set[str] = set()
-    for module_name, module in layer.named_modules():
-        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
-            prefix = f"{module_name}." if module_name else ""
-            names.update(f"{prefix}{p}" for p, _ in module.named_parameters(recurse=False))
-    return frozenset(names)
+def _merge_rule_name(options: MergeOptions) -> str:
+    name = options.merge_rule
+    if name not in MERGE_RULES:
+        raise InvalidOptionError(f"unknown merge rule {name!r}; choose one of {', '.join(MERGE_RULES)}")
+    return name
 
 
-def combine_window(layers: Sequence[nn.Module], rule: MergeRule) -> nn.Module:
-    """A new layer module holding the rule's combination of ``layers`` (lowest first); inputs stay unchanged."""
-    params = [{n: p.detach() for n, p in layer.named_parameters()} for layer in layers]
-    mergeable = frozenset(params[0]) - norm_parameter_names(layers[0])
-    merged = _combine_each(params, mergeable, rule.combine)
-    new_layer = copy.deepcopy(layers[0])
-    with torch.no_grad():
-        for name, tensor in new_layer.named_parameters():
-            tensor.copy_(merged[name])
-    return new_layer
+def _search_context(
+    loaded: LoadedModel, traces: Sequence[BatchTrace], rule: str, ridge: float
+) -> SearchContext:
+    model = loaded.model
+    spec = spec_for_config(model.config)
+    head = LogitHead(model)
+    return SearchContext(
+        layers=list(decoder_layers(model, spec)),
+        spec=spec,
+        traces=traces,
+        head=head,
+        reference=reference_outputs(traces, head),
+        rule=MERGE_RULES[rule],
+        ridge=ridge,
+    )
 
 
-def _parameter(module: nn.Module, name: str) -> torch.Tensor | None:
-    value = getattr(module, name, None)
-    return value if isinstance(value, torch.Tensor) else None
+def _run_search(ctx: SearchContext, options: MergeOptions, progress: bool) -> SearchResult:
+    preset = options.preset
+    search = WindowSearch(ctx, preset.score, preset.criterion)
+    removed = layers_to_remove(options, len(ctx.layers))
+    if removed is not None:
+        return search.for_target(removed, progress=progress)
+    threshold = options.threshold if options.threshold is not None else preset.default_threshold
+    result = search.sweep(threshold, progress=progress)
+    if not result.windows:
+        raise ImpossibleTargetError(
+            f"--threshold {threshold}",
+            len(ctx.layers),
+            "no window keeps that similarity, so nothing would be removed; lower the threshold "
+            "or ask for a layer count with --target-layers",
+        )
+    return result
 
 
-def _projection_matrix(module: nn.Module) -> torch.Tensor:
-    """The projection's weight and bias as one [in (+1), out] matrix, for Linear and GPT-2's Conv1D alike."""
-    if not isinstance(module, nn.Linear | Conv1D):
-        raise TypeError(f"cannot refit a {type(module).__name__}")
-    weight = module.weight.detach() if isinstance(module, Conv1D) else module.weight.detach().T
-    bias = _parameter(module, "bias")
-    return weight if bias is None else torch.cat([weight, bias.detach()[None, :]], dim=0)
+def plan_merge(
+    loaded: LoadedModel, traces: Sequence[BatchTrace], options: MergeOptions, progress: bool
+) -> MergePlan:
+    """Search windows on calibration traces and record the decision with every score behind it."""
+    rule = _merge_rule_name(options)
+    ctx = _search_context(loaded, traces, rule, options.ridge)
+    result = _run_search(ctx, options, progress)
+    preset = options.preset
+    config = loaded.model.config
+    return MergePlan(
+        model=loaded.source.ref,
+        base_model=loaded.source.base_model,
+        revision=loaded.source.revision,
+        model_type=config.model_type,
+        num_layers=len(ctx.layers),
+        windows=result.windows,
+        method=options.method,
+        score=preset.score,
+        criterion=preset.criterion,
+        merge=rule,
+        ridge=options.ridge,
+        threshold=result.threshold,
+        target={
+            "threshold": options.threshold,
+            "target_layers": options.target_layers,
+            "ratio": options.ratio,
+        },
+        calibration=calibration_record(TextSource(path=options.calibration.text), options.calibration),
+        trials=result.trials,
+    )
 
 
-@torch.no_grad()
-def _store_projection_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
-    bias = _parameter(module, "bias")
-    weight = matrix if bias is None else matrix[:-1]
-    if bias is not None:
-        bias.copy_(matrix[-1].to(bias.dtype))
-    target = module.weight
-    assert isinstance(target, torch.Tensor)
-    target.copy_((weight if isinstance(module, Conv1D) else weight.T).to(target.dtype))
+def merged_state_dict(
+    loaded: LoadedModel, spec: ArchitectureSpec, plan: MergePlan, traces: Sequence[BatchTrace]
+) -> dict[str, torch.Tensor]:
+    """The original state dict with each window's lowest layer replaced by its consolidation, renumbered."""
+    model = loaded.model
+    layers: list[nn.Module] = list(decoder_layers(model, spec))
+    state = dict(model.state_dict())
+    rule = MERGE_RULES[plan.merge]
+    for low, high in plan.windows:
+        layer = consolidate(layers, spec, traces, low, high, rule, plan.ridge)
+        for name, tensor in layer.state_dict().items():
+            state[f"{spec.layers_path}.{low}.{name}"] = tensor
+    return state_dict_for(kept_layers(plan.num_layers, plan.windows), state, spec.layers_path)
 
 
-@torch.no_grad()
-def refit_output_projection(
-    layer: nn.Module,
-    spec: ArchitectureSpec,
-    traces: Sequence[BatchTrace],
-    low: int,
-    high: int,
-    ridge: float,
-) -> None:
-    """Refit ``layer``'s MLP output projection so that it maps the window's input to the window's output.
+def write_merged(
+    loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], out: Path, overwrite: bool
+) -> MergeResult:
+    """Write the merged model, its tokenizer, generation config and plan to ``out``, checked by a reload."""
+    model = loaded.model
+    spec = spec_for_config(model.config)
+    kept = kept_layers(plan.num_layers, plan.windows)
+    config = rewrite_config(model.config.to_dict(), kept)
+    merged = build_model(config, merged_state_dict(loaded, spec, plan, traces))
+    merged.generation_config = model.generation_config
+    with output_folder(out, overwrite) as temp:
+        save_model_folder(merged, loaded.tokenizer, temp, extra_files={PLAN_FILE: plan.to_json()})
+        verify_folder_loads(temp, len(kept))
+    return MergeResult(
+        output_dir=out,
+        plan=plan,
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_after=sum(p.numel() for p in merged.parameters()),
+    )
 
-    For each calibration batch the layer runs on what entered layer ``low``; a hook captures the
-    projection's input ``m`` and output ``o``. What the rest of the layer adds is ``y - o``, so the projection
-    should produce ``target - (y - o)``, where ``target`` is what left layer ``high`` in the original model.
-    Normal equations are accumulated in float64; the ridge term pulls towards the current weights, scaled by
-    the mean feature energy so that ``ridge`` is unit-free.
+
+def calibration_of(plan: MergePlan | None, options: MergeOptions) -> CalibrationOptions:
+    """The calibration to run: the options' own, or the one a saved plan records, so a refit is reproduced."""
+    if plan is None:
+        return options.calibration
+    label = str(plan.calibration["text"])
+    text = None if label == TextSource().label else Path(label)
+    return CalibrationOptions(
+        text=text,
+        samples=int(plan.calibration["samples"]),
+        seq_len=int(plan.calibration["seq_len"]),
+        batch_size=options.calibration.batch_size,
+    )
+
+
+def merge(
+    loaded: LoadedModel,
+    out: Path,
+    options: MergeOptions,
+    plan: MergePlan | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """Compress ``loaded`` into ``out``: search (unless a plan is given), consolidate, write, verify.
+
+    A saved plan skips the search; its ``fit`` rule still runs one calibration pass, because the refit is
+    computed from calibration activations (the other rules need none).
     """
-    if spec.mlp_out_path is None:
-        return
-    projection = layer.get_submodule(spec.mlp_out_path)
-    has_bias = _parameter(projection, "bias") is not None
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured["m"], captured["o"] = args[0], output
-
-    gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    handle = projection.register_forward_hook(hook)
-    try:
-        for trace in traces:
-            args, kwargs = trace.calls[low]
-            y = hidden_of(layer(trace.hidden[low], *args, **kwargs))
-            features = captured["m"].reshape(-1, captured["m"].shape[-1]).double()
-            if has_bias:
-                features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
-            wanted = (trace.hidden[high + 1] - (y - captured["o"])).reshape(-1, y.shape[-1]).double()
-            gram = features.T @ features if gram is None else gram + features.T @ features
-            cross = features.T @ wanted if cross is None else cross + features.T @ wanted
-    finally:
-        handle.remove()
-    assert gram is not None and cross is not None
-    current = _projection_matrix(projection).double()
-    strength = ridge * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    solution = torch.linalg.solve(gram + strength * eye, cross + strength * current)
-    _store_projection_matrix(projection, solution)
-
-
-def consolidate(
-    layers: Sequence[nn.Module],
-    spec: ArchitectureSpec,
-    traces: Sequence[BatchTrace],
-    low: int,
-    high: int,
-    rule: MergeRule,
-    ridge: float,
-) -> nn.Module:
-    """One layer standing for the original layers ``low..high`` (inclusive), by ``rule``."""
-    layer = combine_window(layers[low : high + 1], rule)
-    if rule.refit:
-        refit_output_projection(layer, spec, traces, low, high, ridge)
-    return layer
+    num_layers = len(decoder_layers(loaded.model, spec_for_config(loaded.model.config)))
+    if plan is not None:
+        plan.check_fits(loaded.model.config.model_type, num_layers)
+        kept_layers(num_layers, plan.windows)
+    else:
+        layers_to_remove(options, num_layers)
+    refuse_existing_output(out, overwrite)
+    traces: list[BatchTrace] = []
+    if plan is None or MERGE_RULES[plan.merge].refit:
+        batches = calibration_batches(loaded.tokenizer, calibration_of(plan, options))
+        traces = trace_calibration(loaded.model, batches, progress)
+    if plan is None:
+        plan = plan_merge(loaded, traces, options, progress)
+    logger.info("merging windows %s (%d layers removed)", plan.windows, plan.removed)
+    return write_merged(loaded, plan, traces, out, overwrite)

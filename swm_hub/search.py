@@ -1,18 +1,21 @@
 """Top-down sliding-window search over a model's decoder layers.
 
 The search walks from the top of the network down. At each step it grows a window of consecutive layers
-downwards while the model with that window consolidated stays similar enough to the original, commits the
-last window that passed, and continues below it. A candidate is scored by running only its consolidated
-layer and the (already compressed) layers above it, from the cached input of the window's lowest layer: the
-layers below are untouched, so their output is the cached one.
+downwards while the window stays similar enough by the chosen score, commits the last window that passed,
+and continues below it. The first and the last layer are never in a window.
 
-Two scores are offered:
-- ``kl``: exp(-KL(original || candidate)) of the next-token distributions on calibration tokens, a
-  functional check of what the model predicts. With the ``incremental`` criterion a window is judged by
-  what it adds to the KL of the model compressed so far, so every region of the network is judged on its own
-  cost rather than on what the windows above it left of a global budget.
-- ``cosine``: the cosine between the final hidden states of candidate and original (the public SWM code),
-  judged ``cumulative``-ly against the original model as the paper does.
+Scores (higher = more alike, all in (0, 1]):
+- ``angular``: the cosine between what enters the window and what leaves it in the original model, over
+  calibration tokens (PruneMe's angular criterion applied to a sliding window). It needs no model run, and
+  with the ``fit`` consolidation, which makes the merged layer reproduce the window's output, it measured
+  best (see ``benchmarks/quality.py``).
+- ``cosine``: the cosine between the final hidden states of the model with the candidate window
+  consolidated (and the windows above it already merged) and those of the original (the public SWM code).
+  It runs only the candidate layer and the layers above it, from the cached input of the window's lowest
+  layer: the layers below are untouched, so their output is the cached one.
+
+Criteria: ``absolute`` compares the score itself with the threshold (the paper); ``incremental`` compares
+it with the score of the model compressed so far, so a window is judged by what it adds.
 """
 
 from __future__ import annotations
@@ -26,18 +29,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from swm_hub.architectures import ArchitectureSpec
-from swm_hub.errors import ImpossibleTargetError
-from swm_hub.layer_trace import BatchTrace, LayerCall, LogitHead, run_layers
-from swm_hub.merge import MergeRule, consolidate
+from swm_hub.consolidate import MergeRule, consolidate
+from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
+from swm_hub.layer_trace import BatchTrace, LayerCall, LogitHead, flat_hidden, run_layers
 
 Window = tuple[int, int]
+Above = Sequence[tuple[nn.Module, int]]
+"""The layers standing above a candidate, each with the original position whose call arguments it takes."""
 
 
 @dataclass
 class Reference:
-    """What the original model produced on the calibration batches, for the scores to compare against."""
+    """The original model's normed final hidden states at a fixed subset of token positions."""
 
-    log_probs: list[torch.Tensor]
+    positions: torch.Tensor
     final_hidden: list[torch.Tensor]
 
 
@@ -54,36 +59,20 @@ class SearchContext:
     ridge: float
 
 
-def reference_outputs(traces: Sequence[BatchTrace], head: LogitHead) -> Reference:
-    """The original model's next-token log-probabilities and normed final hidden states."""
-    log_probs = [torch.log_softmax(head(t.hidden[-1]).float(), dim=-1) for t in traces]
-    final_hidden = [head.norm(t.hidden[-1]) for t in traces]
-    return Reference(log_probs=log_probs, final_hidden=final_hidden)
+def score_positions(seq_len: int, per_sequence: int) -> torch.Tensor:
+    """Evenly spaced positions past the first few tokens, which have too little context to judge by."""
+    first = min(seq_len - 1, max(1, seq_len // 16))
+    count = min(per_sequence, seq_len - first)
+    positions: torch.Tensor = torch.unique(torch.linspace(first, seq_len - 1, count).round().long())
+    return positions
 
 
-def _kl_similarity(ctx: SearchContext, finals: Sequence[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    for reference, hidden in zip(ctx.reference.log_probs, finals, strict=True):
-        candidate = torch.log_softmax(ctx.head(hidden).float(), dim=-1)
-        kl = (reference.exp() * (reference - candidate)).sum(dim=-1)
-        total += float(kl.sum())
-        count += kl.numel()
-    return math.exp(-total / count)
-
-
-def _cosine_similarity(ctx: SearchContext, finals: Sequence[torch.Tensor]) -> float:
-    cosines = [
-        torch.nn.functional.cosine_similarity(ctx.head.norm(h), r, dim=-1).mean()
-        for h, r in zip(finals, ctx.reference.final_hidden, strict=True)
-    ]
-    return float(torch.stack(cosines).mean())
-
-
-SCORES: Mapping[str, Callable[[SearchContext, Sequence[torch.Tensor]], float]] = {
-    "kl": _kl_similarity,
-    "cosine": _cosine_similarity,
-}
-CRITERIA = ("incremental", "cumulative")
+def reference_outputs(traces: Sequence[BatchTrace], head: LogitHead, per_sequence: int = 32) -> Reference:
+    """What the candidates are compared with, at the scored positions."""
+    positions = score_positions(traces[0].hidden[-1].shape[1], per_sequence)
+    return Reference(
+        positions=positions, final_hidden=[head.norm(t.hidden[-1][:, positions]) for t in traces]
+    )
 
 
 @dataclass
@@ -102,102 +91,147 @@ class SearchResult:
 class WindowSearch:
     """One calibration set and reference, swept top-down at any threshold; scores are memoised."""
 
-    def __init__(self, ctx: SearchContext, score: str, criterion: str) -> None:
+    def __init__(self, ctx: SearchContext, score: str, criterion: str, bisection_steps: int = 12) -> None:
+        if score not in SCORES:
+            raise InvalidOptionError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+        if criterion not in CRITERIA:
+            raise InvalidOptionError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         self.ctx = ctx
         self.score = SCORES[score]
+        self.runs_model = score not in MODEL_FREE_SCORES
         self.criterion = criterion
-        self._memo: dict[tuple[tuple[Window, ...], int, int], float] = {}
+        self.bisection_steps = bisection_steps
         self.evaluations = 0
+        self._memo: dict[tuple[tuple[Window, ...], int, int], float] = {}
+        self._flat: dict[int, torch.Tensor] = {}
 
-    def _finals(
-        self, position_layer: nn.Module, low: int, above: Sequence[tuple[nn.Module, int]]
-    ) -> list[torch.Tensor]:
-        """Final hidden states of the model whose layers from ``low`` up are ``position_layer`` + ``above``."""
-        modules = [position_layer, *(m for m, _ in above)]
+    def flat_hidden(self, index: int) -> torch.Tensor:
+        """What entered layer ``index`` (see ``layer_trace.flat_hidden``), kept for the next sweep."""
+        if index not in self._flat:
+            self._flat[index] = flat_hidden(self.ctx.traces, index)
+        return self._flat[index]
+
+    def candidate_finals(self, low: int, high: int, above: Above) -> list[torch.Tensor]:
+        """Final hidden states (at scored positions) of the model with ``low..high`` consolidated."""
+        ctx = self.ctx
+        layer = (
+            ctx.layers[low]
+            if low == high
+            else consolidate(ctx.layers, ctx.spec, ctx.traces, low, high, ctx.rule, ctx.ridge)
+        )
+        modules = [layer, *(m for m, _ in above)]
         outputs = []
-        for trace in self.ctx.traces:
+        for trace in ctx.traces:
             calls: list[LayerCall] = [trace.calls[low], *(trace.calls[i] for _m, i in above)]
-            outputs.append(run_layers(modules, trace.hidden[low], calls))
+            outputs.append(run_layers(modules, trace.hidden[low], calls)[:, ctx.reference.positions])
         return outputs
 
-    def _score(
-        self, committed: tuple[Window, ...], low: int, high: int, above: Sequence[tuple[nn.Module, int]]
-    ) -> float:
+    def similarity(self, committed: tuple[Window, ...], low: int, high: int, above: Above) -> float:
         key = (committed, low, high)
         if key not in self._memo:
             self.evaluations += 1
-            if low == high:
-                layer = self.ctx.layers[low]
-            else:
-                layer = consolidate(
-                    self.ctx.layers, self.ctx.spec, self.ctx.traces, low, high, self.ctx.rule, self.ctx.ridge
-                )
-            self._memo[key] = self.score(self.ctx, self._finals(layer, low, above))
+            self._memo[key] = self.score(self, low, high, above)
         return self._memo[key]
+
+    def _grow(
+        self,
+        committed: tuple[Window, ...],
+        high: int,
+        above: Above,
+        threshold: float,
+        room: int,
+        result: SearchResult,
+    ) -> int:
+        """The lowest layer of the window that ends at ``high`` (``high`` itself when none passes)."""
+        baseline = self.similarity(committed, high, high, above) if self.criterion == "incremental" else 1.0
+        low = high
+        while low - 1 >= 1 and high - low < room:
+            similarity = self.similarity(committed, low - 1, high, above)
+            relative = similarity / baseline
+            passed = relative >= threshold
+            result.trials.append(
+                {
+                    "low": low - 1,
+                    "high": high,
+                    "similarity": similarity,
+                    "relative": relative,
+                    "passed": passed,
+                }
+            )
+            if not passed:
+                break
+            low -= 1
+        return low
 
     def sweep(self, threshold: float, cap: int | None = None, progress: bool = False) -> SearchResult:
         """Select windows top-down at ``threshold``; with ``cap``, stop growing once ``cap`` layers go."""
-        count = len(self.ctx.layers)
-        above: list[tuple[nn.Module, int]] = [(self.ctx.layers[count - 1], count - 1)]
+        ctx = self.ctx
+        count = len(ctx.layers)
+        above: list[tuple[nn.Module, int]] = [(ctx.layers[count - 1], count - 1)]
         committed: tuple[Window, ...] = ()
         result = SearchResult(windows=[], threshold=threshold)
         high = count - 2
-        baseline = 1.0
-        bar = tqdm(total=count - 2, desc="window search", disable=not progress, leave=False)
-        while high >= 1:
-            low = high
-            if self.criterion == "incremental":
-                baseline = self._score(committed, high, high, above)
-            while low - 1 >= 1 and (cap is None or result.removed + (high - low) < cap):
-                similarity = self._score(committed, low - 1, high, above)
-                relative = similarity / baseline if self.criterion == "incremental" else similarity
-                passed = relative >= threshold
-                result.trials.append(
-                    {
-                        "low": low - 1,
-                        "high": high,
-                        "similarity": similarity,
-                        "relative": relative,
-                        "passed": passed,
-                    }
-                )
-                if not passed:
-                    break
-                low -= 1
-            if low < high:
-                layer = consolidate(
-                    self.ctx.layers, self.ctx.spec, self.ctx.traces, low, high, self.ctx.rule, self.ctx.ridge
-                )
-                committed = ((low, high), *committed)
-                result.windows.insert(0, (low, high))
-            else:
-                layer = self.ctx.layers[high]
-            above.insert(0, (layer, low))
-            bar.update(high - low + 1)
-            high = low - 1
-        bar.close()
+        with tqdm(total=count - 2, desc="window search", disable=not progress, leave=False) as bar:
+            while high >= 1:
+                room = count if cap is None else cap - result.removed
+                low = self._grow(committed, high, above, threshold, room, result)
+                layer = ctx.layers[high]
+                if low < high:
+                    if self.runs_model:
+                        layer = consolidate(ctx.layers, ctx.spec, ctx.traces, low, high, ctx.rule, ctx.ridge)
+                    committed = ((low, high), *committed)
+                    result.windows.insert(0, (low, high))
+                above.insert(0, (layer, low))
+                bar.update(high - low + 1)
+                high = low - 1
         return result
 
     def for_target(self, removed: int, progress: bool = False) -> SearchResult:
-        """The least permissive threshold whose capped sweep removes exactly ``removed`` layers (bisection)."""
-        mergeable = len(self.ctx.layers) - 2
-        if not 1 <= removed <= mergeable - 1:
+        """The least permissive threshold whose capped sweep removes exactly ``removed`` layers.
+
+        Bisection on the distance ``d`` of a threshold ``exp(-d)``, in log space: the thresholds that
+        matter sit close to 1, and a capped sweep at a permissive enough threshold removes exactly
+        ``removed`` layers.
+        """
+        most = len(self.ctx.layers) - 3
+        if not 1 <= removed <= most:
             raise ImpossibleTargetError(
-                f"removing {removed} layers",
-                mergeable,
-                f"between 1 and {mergeable - 1} of {len(self.ctx.layers)} layers can be removed",
+                f"removing {removed} layers", len(self.ctx.layers), f"between 1 and {most} can go"
             )
-        lo, hi = 0.0, 1.0  # log-space bisection on 1 - threshold would be nicer; similarity is in (0, 1]
-        best = self.sweep(0.0, cap=removed)
-        if best.removed < removed:
-            raise ImpossibleTargetError(
-                f"removing {removed} layers", mergeable, "no set of windows reaches it"
-            )
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            trial = self.sweep(mid, cap=removed)
+        strict, permissive = 1e-6, 30.0
+        best = self.sweep(math.exp(-permissive), cap=removed, progress=progress)
+        for _ in range(self.bisection_steps):
+            middle = math.sqrt(strict * permissive)
+            trial = self.sweep(math.exp(-middle), cap=removed, progress=progress)
             if trial.removed >= removed:
-                lo, best = mid, trial
+                permissive, best = middle, trial
             else:
-                hi = mid
+                strict = middle
         return best
+
+
+def _angular(search: WindowSearch, low: int, high: int, above: Above) -> float:
+    """Mean cosine between the window's input and output in the original model."""
+    cosine = torch.nn.functional.cosine_similarity(
+        search.flat_hidden(low), search.flat_hidden(high + 1), dim=-1
+    )
+    return float(cosine.mean().clamp(min=1e-6))
+
+
+def _final_cosine(search: WindowSearch, low: int, high: int, above: Above) -> float:
+    ctx = search.ctx
+    finals = search.candidate_finals(low, high, above)
+    cosines = [
+        torch.nn.functional.cosine_similarity(ctx.head.norm(h), r, dim=-1).mean()
+        for h, r in zip(finals, ctx.reference.final_hidden, strict=True)
+    ]
+    return float(torch.stack(cosines).mean().clamp(min=1e-6))
+
+
+SCORES: Mapping[str, Callable[[WindowSearch, int, int, Above], float]] = {
+    "angular": _angular,
+    "cosine": _final_cosine,
+}
+CRITERIA = ("absolute", "incremental")
+MODEL_FREE_SCORES = frozenset({"angular"})
+"""Scores computed from the original model's cached states alone: merged layers need not be built to sweep."""

@@ -1,0 +1,220 @@
+"""Consolidate a window of consecutive decoder layers into one layer (the rules the merge stage applies).
+
+A rule combines the parameters of the window's layers into the parameters of its lowest layer, which takes
+the window's place. Normalisation weights always stay those of the lowest layer (the layer's input still
+comes from below it); attention and MLP weights are combined by the rule.
+
+The ``fit`` rule adds a correction that the parameter-space rules lack: after combining, it refits the
+MLP's output projection by ridge regression so that the one layer reproduces, on calibration data, the
+hidden state that the whole window produced. This is a linear least-squares problem because that
+projection's output is added to the residual stream as is.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from swm_hub.architectures import ArchitectureSpec
+from swm_hub.layer_trace import BatchTrace, hidden_of
+
+ParamDict = dict[str, torch.Tensor]
+Combine = Callable[[Sequence[ParamDict], frozenset[str]], ParamDict]
+
+PAPER_URL = "https://arxiv.org/abs/2502.19159"
+LACO_URL = "https://arxiv.org/abs/2402.11187"
+SHORTGPT_URL = "https://arxiv.org/abs/2403.03853"
+
+
+def _combine_each(params: Sequence[ParamDict], mergeable: frozenset[str], fn: Combine) -> ParamDict:
+    """Apply ``fn`` to the mergeable tensors and keep the lowest layer's value for the others."""
+    merged = fn(params, mergeable)
+    return {name: merged.get(name, tensor) for name, tensor in params[0].items()}
+
+
+def _keep_lowest(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    return dict(params[0])
+
+
+def _laco_sum(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    base = params[0]
+    return {
+        n: base[n] + sum((p[n] - base[n] for p in params[1:]), torch.zeros_like(base[n])) for n in mergeable
+    }
+
+
+def _mean(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    return {n: torch.stack([p[n] for p in params]).mean(dim=0) for n in mergeable}
+
+
+def _running_difference(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    """The public SWM code's loop: add (theta_k - current) with weight 1, so the top layer's value wins."""
+    merged = {n: params[0][n].clone() for n in mergeable}
+    for layer in params[1:]:
+        for n in mergeable:
+            merged[n] += layer[n] - merged[n]
+    return merged
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """How a window's parameters become one layer's.
+
+    Attributes:
+        combine: parameter-space combination of the mergeable (non-norm) tensors.
+        refit: whether the MLP output projection is then refitted on calibration data.
+        summary: one line for help texts and model cards.
+        reference: where the rule comes from.
+    """
+
+    combine: Combine
+    refit: bool
+    summary: str
+    reference: str
+
+
+MERGE_RULES: Mapping[str, MergeRule] = {
+    "fit": MergeRule(
+        _keep_lowest,
+        refit=True,
+        summary="lowest layer's weights, MLP output projection refitted by ridge regression to reproduce the "
+        "window's output on calibration data",
+        reference=PAPER_URL,
+    ),
+    "laco": MergeRule(
+        _laco_sum,
+        refit=False,
+        summary="lowest layer plus the sum of each layer's difference from it (the paper's consolidation, LaCo style)",
+        reference=LACO_URL,
+    ),
+    "swm-code": MergeRule(
+        _running_difference,
+        refit=False,
+        summary="the public SWM code's running-difference loop (the top layer's attention and MLP weights)",
+        reference=PAPER_URL,
+    ),
+    "mean": MergeRule(_mean, refit=False, summary="average of the window's weights", reference=PAPER_URL),
+    "drop": MergeRule(
+        _keep_lowest,
+        refit=False,
+        summary="lowest layer as it is; the rest of the window is dropped",
+        reference=SHORTGPT_URL,
+    ),
+}
+
+
+def norm_parameter_names(layer: nn.Module) -> frozenset[str]:
+    """Parameters of the normalisation modules of a layer, found by module type rather than by name."""
+    names: set[str] = set()
+    for module_name, module in layer.named_modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(f"{prefix}{p}" for p, _ in module.named_parameters(recurse=False))
+    return frozenset(names)
+
+
+def combine_window(layers: Sequence[nn.Module], rule: MergeRule) -> nn.Module:
+    """A new layer module holding the rule's combination of ``layers`` (lowest first); inputs stay unchanged."""
+    params = [{n: p.detach() for n, p in layer.named_parameters()} for layer in layers]
+    mergeable = frozenset(params[0]) - norm_parameter_names(layers[0])
+    merged = _combine_each(params, mergeable, rule.combine)
+    new_layer = copy.deepcopy(layers[0])
+    with torch.no_grad():
+        for name, tensor in new_layer.named_parameters():
+            tensor.copy_(merged[name])
+    return new_layer
+
+
+def _parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _projection_matrix(module: nn.Module) -> torch.Tensor:
+    """The projection's weight and bias as one [in (+1), out] matrix, for Linear and GPT-2's Conv1D alike."""
+    if not isinstance(module, nn.Linear | Conv1D):
+        raise TypeError(f"cannot refit a {type(module).__name__}")
+    weight = module.weight.detach() if isinstance(module, Conv1D) else module.weight.detach().T
+    bias = _parameter(module, "bias")
+    return weight if bias is None else torch.cat([weight, bias.detach()[None, :]], dim=0)
+
+
+@torch.no_grad()
+def _store_projection_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    bias = _parameter(module, "bias")
+    weight = matrix if bias is None else matrix[:-1]
+    if bias is not None:
+        bias.copy_(matrix[-1].to(bias.dtype))
+    target = module.weight
+    assert isinstance(target, torch.Tensor)
+    target.copy_((weight if isinstance(module, Conv1D) else weight.T).to(target.dtype))
+
+
+@torch.no_grad()
+def refit_output_projection(
+    layer: nn.Module,
+    spec: ArchitectureSpec,
+    traces: Sequence[BatchTrace],
+    low: int,
+    high: int,
+    ridge: float,
+) -> None:
+    """Refit ``layer``'s MLP output projection so that it maps the window's input to the window's output.
+
+    For each calibration batch the layer runs on what entered layer ``low``; a hook captures the
+    projection's input ``m`` and output ``o``. What the rest of the layer adds is ``y - o``, so the projection
+    should produce ``target - (y - o)``, where ``target`` is what left layer ``high`` in the original model.
+    Normal equations are accumulated in float64; the ridge term pulls towards the current weights, scaled by
+    the mean feature energy so that ``ridge`` is unit-free.
+    """
+    if spec.mlp_out_path is None:
+        return
+    projection = layer.get_submodule(spec.mlp_out_path)
+    has_bias = _parameter(projection, "bias") is not None
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        captured["m"], captured["o"] = args[0], output
+
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    handle = projection.register_forward_hook(hook)
+    try:
+        for trace in traces:
+            args, kwargs = trace.calls[low]
+            y = hidden_of(layer(trace.hidden[low], *args, **kwargs))
+            features = captured["m"].reshape(-1, captured["m"].shape[-1]).double()
+            if has_bias:
+                features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
+            wanted = (trace.hidden[high + 1] - (y - captured["o"])).reshape(-1, y.shape[-1]).double()
+            gram = features.T @ features if gram is None else gram + features.T @ features
+            cross = features.T @ wanted if cross is None else cross + features.T @ wanted
+    finally:
+        handle.remove()
+    assert gram is not None and cross is not None
+    current = _projection_matrix(projection).double()
+    strength = ridge * gram.diagonal().mean()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    solution = torch.linalg.solve(gram + strength * eye, cross + strength * current)
+    _store_projection_matrix(projection, solution)
+
+
+def consolidate(
+    layers: Sequence[nn.Module],
+    spec: ArchitectureSpec,
+    traces: Sequence[BatchTrace],
+    low: int,
+    high: int,
+    rule: MergeRule,
+    ridge: float,
+) -> nn.Module:
+    """One layer standing for the original layers ``low..high`` (inclusive), by ``rule``."""
+    layer = combine_window(layers[low : high + 1], rule)
+    if rule.refit:
+        refit_output_projection(layer, spec, traces, low, high, ridge)
+    return layer

@@ -1,0 +1,112 @@
+"""Each stage's settings as a frozen dataclass, validated once, with the help text next to each field.
+
+The CLI builds these from its options and the Python API takes them as they are, so both check the same
+things in the same place and a saved plan can record them field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swm_hub.errors import InvalidOptionError
+
+HELP: dict[str, str] = {
+    "calib": "calibration text: a plain-text or JSONL file (a 'text' field per line); default: the shipped corpus",
+    "samples": "number of calibration blocks",
+    "seq_len": "tokens per calibration block",
+    "batch_size": "calibration blocks per forward pass",
+    "metric": "similarity between layer outputs: linear_cka, rbf_cka, cosine or angular",
+    "max_tokens": "tokens sampled for the similarity matrix (CKA cost grows with the square of this)",
+    "threshold": "similarity a window must keep to be merged, in (0, 1); higher merges less",
+    "target_layers": "number of layers the compressed model keeps",
+    "ratio": "fraction of the layers to remove, in (0, 1)",
+    "method": "window selection and consolidation: swm-fit (default, measured best) or swm-paper (the paper's rule)",
+    "merge": "consolidation rule, overriding the method's: fit, laco, swm-code, mean or drop",
+    "ridge": "regularisation of the fit rule's least-squares refit, relative to the feature energy",
+}
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Which text calibrates the model, and how much of it."""
+
+    text: Path | None = None
+    samples: int = 32
+    seq_len: int = 128
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seq_len < 8 or self.batch_size < 1:
+            raise InvalidOptionError(
+                f"calibration needs samples >= 1, seq_len >= 8 and batch_size >= 1 "
+                f"(got {self.samples}, {self.seq_len}, {self.batch_size})"
+            )
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """A named choice of how windows are scored and consolidated."""
+
+    score: str
+    criterion: str
+    merge: str
+    default_threshold: float
+    summary: str
+
+
+METHODS: dict[str, MethodPreset] = {
+    "swm-fit": MethodPreset(
+        score="angular",
+        criterion="absolute",
+        merge="fit",
+        default_threshold=0.95,
+        summary="windows grown while the cosine between what enters and what leaves the window stays above "
+        "the threshold; each window consolidated into its lowest layer with a least-squares refit of the "
+        "MLP output projection, so the one layer reproduces the window's output on calibration text",
+    ),
+    "swm-paper": MethodPreset(
+        score="cosine",
+        criterion="absolute",
+        merge="laco",
+        default_threshold=0.72,
+        summary="the paper's rule: windows grown while the cosine between the final hidden states of the "
+        "merged and the original model stays above the threshold; LaCo-style parameter consolidation",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How much to remove and how: exactly one of threshold, target_layers and ratio."""
+
+    threshold: float | None = None
+    target_layers: int | None = None
+    ratio: float | None = None
+    method: str = "swm-fit"
+    merge: str | None = None
+    ridge: float = 0.3
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("threshold", "target_layers", "ratio") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InvalidOptionError(
+                f"give only one of --threshold, --target-layers, --ratio (got {', '.join(given)})"
+            )
+        if self.method not in METHODS:
+            raise InvalidOptionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise InvalidOptionError(f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise InvalidOptionError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        if self.ridge <= 0:
+            raise InvalidOptionError(f"--ridge must be positive, got {self.ridge}")
+
+    @property
+    def preset(self) -> MethodPreset:
+        return METHODS[self.method]
+
+    @property
+    def merge_rule(self) -> str:
+        return self.merge or self.preset.merge
