@@ -145,7 +145,7 @@ class SimilarityReport:
             per_layer=self.io_redundancy,
             per_layer_label=REDUNDANCY_LABEL,
         )
-        logger.info("wrote %s and %s", json_path, png_path)
+        logger.debug("wrote %s and %s", json_path, png_path)
         return json_path, png_path
 
     @classmethod

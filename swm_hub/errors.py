@@ -71,3 +71,57 @@ class OutputExistsError(SwmHubError, FileExistsError):
 
 class PlanMismatchError(SwmHubError, ValueError):
     """A saved merge plan that does not fit the model it is applied to."""
+
+
+class ExportUnsupportedError(SwmHubError, ValueError):
+    """A model that the ONNX exporter cannot export: its type, the reason, and the types that can be exported."""
+
+    def __init__(self, model_type: str, reason: str, supported: Sequence[str]) -> None:
+        self.model_type = model_type
+        self.reason = reason
+        self.supported = tuple(supported)
+        super().__init__(
+            f"cannot export model type {model_type!r} to ONNX: {reason}; exportable model types: "
+            f"{', '.join(self.supported)}"
+        )
+
+
+class ExportMismatchError(SwmHubError, ValueError):
+    """An ONNX export whose outputs differ from the torch model's by more than the tolerance.
+
+    Attributes:
+        path: the folder of the export that failed validation (a temporary folder, deleted afterwards).
+        diffs: max absolute difference per output name, for every output compared (passing ones too).
+        atol: the tolerance each difference was held to.
+        failed: the names of the outputs over the tolerance, in output order.
+    """
+
+    def __init__(self, path: Path | str, diffs: dict[str, float], atol: float) -> None:
+        self.path = str(path)
+        self.diffs = dict(diffs)
+        self.atol = atol
+        self.failed = tuple(name for name, diff in self.diffs.items() if not diff <= atol)
+        worst = ", ".join(f"{name} {self.diffs[name]:.3g}" for name in self.failed[:4])
+        more = f" and {len(self.failed) - 4} more" if len(self.failed) > 4 else ""
+        super().__init__(
+            f"the ONNX export does not match the torch model: max abs difference over atol {atol:g} in "
+            f"{len(self.failed)} of {len(self.diffs)} outputs ({worst}{more})"
+        )
+
+
+class DeviceUnavailableError(SwmHubError, RuntimeError):
+    """A device (or an execution provider for it) that was asked for but is not present on this machine."""
+
+    def __init__(self, requested: str, reason: str) -> None:
+        self.requested = requested
+        self.reason = reason
+        super().__init__(f"device {requested!r} is not available: {reason}")
+
+
+class MissingDependencyError(SwmHubError, ImportError):
+    """An optional package that a command needs but that is not installed."""
+
+    def __init__(self, package: str, install: str) -> None:
+        self.package = package
+        self.install = install
+        super().__init__(f"the package {package} is needed for this and is not installed: {install}")

@@ -8,16 +8,28 @@ they never drop the first or the last layer, so both sides choose from the same 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from swm_hub.analyze import calibration_batches, trace_calibration
+from swm_hub.calibration import TextSource, read_text, token_blocks
+from swm_hub.errors import InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, flat_hidden
+from swm_hub.merge import build_merged_model, calibration_of
+from swm_hub.options import MergeOptions
+from swm_hub.plan import PLAN_FILE, MergePlan
+from swm_hub.pull import LoadedModel, pull
 from swm_hub.similarity import io_redundancy, mean_cosine
+
+EVAL_BATCH = 8
 
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
 
@@ -82,3 +94,86 @@ class PerplexityRow:
     layers: int
     perplexity: float
     dropped: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Held-out perplexity of a merged model beside its base model and the same-count drop baselines."""
+
+    text: str
+    blocks: int
+    seq_len: int
+    rows: list[PerplexityRow]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def table_lines(self) -> list[str]:
+        """A plain table, one row per model, with each perplexity relative to the merged model's."""
+        header = f"{'model':<34} {'layers':>6} {'perplexity':>11}  dropped layers"
+        lines = [f"held-out perplexity on {self.text} ({self.blocks} blocks x {self.seq_len} tokens)", header]
+        for row in self.rows:
+            dropped = ",".join(map(str, row.dropped)) or "-"
+            lines.append(f"{row.name:<34} {row.layers:>6} {row.perplexity:>11.2f}  {dropped}")
+        return lines
+
+
+def baseline_model(
+    loaded: LoadedModel, plan: MergePlan, rule: str, traces: Sequence[BatchTrace]
+) -> tuple[nn.Module, list[int]]:
+    """The base model with as many layers dropped as ``plan`` removed, chosen by ``rule``."""
+    dropped = DROP_RULES[rule](traces, plan.removed)
+    drop_plan = replace(plan, windows=windows_for_dropped(dropped), merge="drop", method=rule, trials=[])
+    return build_merged_model(loaded, drop_plan, traces), dropped
+
+
+def evaluate(
+    model_dir: Path,
+    text: TextSource,
+    seq_len: int = 256,
+    blocks: int = 48,
+    baselines: Sequence[str] = tuple(DROP_RULES),
+    progress: bool = False,
+) -> EvalReport:
+    """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines."""
+    plan = MergePlan.from_file(model_dir / PLAN_FILE)
+    unknown = sorted(set(baselines) - set(DROP_RULES))
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown baseline {', '.join(unknown)}; choose from {', '.join(DROP_RULES)} or none"
+        )
+    merged = pull(str(model_dir))
+    batches = _eval_batches(merged.tokenizer, text, blocks, seq_len)
+    rows = [
+        PerplexityRow(
+            f"{plan.method} (this model)",
+            plan.layers_after,
+            perplexity(merged.model, batches, progress, "merged"),
+        )
+    ]
+    base = pull(plan.model, revision=plan.revision)
+    rows.insert(
+        0,
+        PerplexityRow(
+            f"base: {base.source.display_name}",
+            plan.num_layers,
+            perplexity(base.model, batches, progress, "base"),
+        ),
+    )
+    if baselines:
+        traces = trace_calibration(
+            base.model, calibration_batches(base.tokenizer, calibration_of(plan, MergeOptions())), progress
+        )
+        for rule in baselines:
+            model, dropped = baseline_model(base, plan, rule, traces)
+            rows.append(
+                PerplexityRow(
+                    rule, plan.layers_after, perplexity(model, batches, progress, rule), tuple(dropped)
+                )
+            )
+    return EvalReport(text=text.label, blocks=blocks, seq_len=seq_len, rows=rows)
+
+
+def _eval_batches(tokenizer: Any, text: TextSource, blocks: int, seq_len: int) -> list[torch.Tensor]:
+    ids = token_blocks(tokenizer, read_text(text), blocks, seq_len)
+    return [ids[start : start + EVAL_BATCH] for start in range(0, ids.shape[0], EVAL_BATCH)]

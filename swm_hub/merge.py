@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from swm_hub.analyze import calibration_batches, calibration_record, trace_calibration
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
@@ -160,19 +161,26 @@ def merged_state_dict(
     return state_dict_for(kept_layers(plan.num_layers, plan.windows), state, spec.layers_path)
 
 
+def build_merged_model(loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace]) -> PreTrainedModel:
+    """The merged model in memory, built from its state dict and rewritten config as a fresh load would be."""
+    model = loaded.model
+    spec = spec_for_config(model.config)
+    config = rewrite_config(model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
+    merged = build_model(config, merged_state_dict(loaded, spec, plan, traces))
+    merged.generation_config = model.generation_config
+    merged.train(False)
+    return merged
+
+
 def write_merged(
     loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], out: Path, overwrite: bool
 ) -> MergeResult:
     """Write the merged model, its tokenizer, generation config and plan to ``out``, checked by a reload."""
     model = loaded.model
-    spec = spec_for_config(model.config)
-    kept = kept_layers(plan.num_layers, plan.windows)
-    config = rewrite_config(model.config.to_dict(), kept)
-    merged = build_model(config, merged_state_dict(loaded, spec, plan, traces))
-    merged.generation_config = model.generation_config
+    merged = build_merged_model(loaded, plan, traces)
     with output_folder(out, overwrite) as temp:
         save_model_folder(merged, loaded.tokenizer, temp, extra_files={PLAN_FILE: plan.to_json()})
-        verify_folder_loads(temp, len(kept))
+        verify_folder_loads(temp, plan.layers_after)
     return MergeResult(
         output_dir=out,
         plan=plan,
@@ -221,5 +229,5 @@ def merge(
         traces = trace_calibration(loaded.model, batches, progress)
     if plan is None:
         plan = plan_merge(loaded, traces, options, progress)
-    logger.info("merging windows %s (%d layers removed)", plan.windows, plan.removed)
+    logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
     return write_merged(loaded, plan, traces, out, overwrite)

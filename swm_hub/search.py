@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm, trange
 
 from swm_hub.architectures import ArchitectureSpec
 from swm_hub.consolidate import MergeRule, consolidate
@@ -199,10 +199,10 @@ class WindowSearch:
                 f"removing {removed} layers", len(self.ctx.layers), f"between 1 and {most} can go"
             )
         strict, permissive = 1e-6, 30.0
-        best = self.sweep(math.exp(-permissive), cap=removed, progress=progress)
-        for _ in range(self.bisection_steps):
+        best = self.sweep(math.exp(-permissive), cap=removed)
+        for _ in trange(self.bisection_steps, desc="window search", disable=not progress, leave=False):
             middle = math.sqrt(strict * permissive)
-            trial = self.sweep(math.exp(-middle), cap=removed, progress=progress)
+            trial = self.sweep(math.exp(-middle), cap=removed)
             if trial.removed >= removed:
                 permissive, best = middle, trial
             else:
