@@ -133,6 +133,10 @@ def compress(
     batch_size: BatchOpt = CalibrationOptions.batch_size,
     revision: RevisionOpt = None,
     overwrite: OverwriteOpt = False,
+    run_eval: Annotated[
+        bool,
+        typer.Option("--eval", help="also measure held-out perplexity vs the base model and drop baselines"),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
@@ -154,10 +158,13 @@ def compress(
         ridge=ridge,
         calibration=calibration,
     )
-    result = pipeline.compress(model, out, options, plan, revision, overwrite, progress)
+    result = pipeline.compress(model, out, options, plan, revision, overwrite, progress, run_eval)
     merged = result.plan
     _echo(f"merged windows {merged.windows}: {merged.num_layers} -> {merged.layers_after} layers")
     _echo(f"parameters: {result.params_before:,} -> {result.params_after:,}")
+    if result.evaluation is not None:
+        for line in result.evaluation.table_lines():
+            _echo(line)
     _echo(f"wrote {result.output_dir}")
 
 

@@ -30,6 +30,7 @@ from swm_hub.pull import LoadedModel, pull
 from swm_hub.similarity import io_redundancy, mean_cosine
 
 EVAL_BATCH = 8
+EVAL_FILE = "eval.json"
 
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
 
@@ -108,6 +109,14 @@ class EvalReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
+    def save(self, folder: Path) -> Path:
+        """Write ``eval.json`` into a model folder through a temporary file, so a reader never sees half."""
+        path = folder / EVAL_FILE
+        temp = folder / f".{EVAL_FILE}.tmp"
+        temp.write_text(self.to_json(), encoding="utf-8")
+        temp.replace(path)
+        return path
+
     def table_lines(self) -> list[str]:
         """A plain table, one row per model, with each perplexity relative to the merged model's."""
         header = f"{'model':<34} {'layers':>6} {'perplexity':>11}  dropped layers"
@@ -134,8 +143,12 @@ def evaluate(
     blocks: int = 48,
     baselines: Sequence[str] = tuple(DROP_RULES),
     progress: bool = False,
+    base: LoadedModel | None = None,
 ) -> EvalReport:
-    """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines."""
+    """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
+
+    ``base`` saves loading the base model again when the caller already holds it (``compress --eval``).
+    """
     plan = MergePlan.from_file(model_dir / PLAN_FILE)
     unknown = sorted(set(baselines) - set(DROP_RULES))
     if unknown:
@@ -151,7 +164,7 @@ def evaluate(
             perplexity(merged.model, batches, progress, "merged"),
         )
     ]
-    base = pull(plan.model, revision=plan.revision)
+    base = base or pull(plan.model, revision=plan.revision)
     rows.insert(
         0,
         PerplexityRow(

@@ -11,12 +11,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from swm_hub.analyze import calibration_batches, calibration_record, trace_calibration
+from swm_hub.analyze import (
+    SimilarityReport,
+    analyze_traces,
+    calibration_batches,
+    calibration_record,
+    trace_calibration,
+)
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
 from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import (
@@ -36,7 +43,13 @@ from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel
 from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
 
+if TYPE_CHECKING:
+    from swm_hub.evaluate import EvalReport
+
 logger = logging.getLogger(__name__)
+
+REPORT_METRIC = "linear_cka"
+REPORT_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class MergeResult:
     plan: MergePlan
     params_before: int
     params_after: int
+    evaluation: EvalReport | None = None
 
 
 def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:
@@ -173,13 +187,20 @@ def build_merged_model(loaded: LoadedModel, plan: MergePlan, traces: Sequence[Ba
 
 
 def write_merged(
-    loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], out: Path, overwrite: bool
+    loaded: LoadedModel,
+    plan: MergePlan,
+    traces: Sequence[BatchTrace],
+    out: Path,
+    overwrite: bool,
+    report: SimilarityReport | None = None,
 ) -> MergeResult:
     """Write the merged model, its tokenizer, generation config and plan to ``out``, checked by a reload."""
     model = loaded.model
     merged = build_merged_model(loaded, plan, traces)
     with output_folder(out, overwrite) as temp:
         save_model_folder(merged, loaded.tokenizer, temp, extra_files={PLAN_FILE: plan.to_json()})
+        if report is not None:
+            report.save(temp)
         verify_folder_loads(temp, plan.layers_after)
     return MergeResult(
         output_dir=out,
@@ -230,4 +251,12 @@ def merge(
     if plan is None:
         plan = plan_merge(loaded, traces, options, progress)
     logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
-    return write_merged(loaded, plan, traces, out, overwrite)
+    report = _similarity_report(loaded, traces, plan) if traces else None
+    return write_merged(loaded, plan, traces, out, overwrite, report)
+
+
+def _similarity_report(
+    loaded: LoadedModel, traces: Sequence[BatchTrace], plan: MergePlan
+) -> SimilarityReport:
+    """The analysis of the traces the merge ran on anyway, saved beside the model for its card."""
+    return analyze_traces(traces, REPORT_METRIC, REPORT_TOKENS, loaded.source.display_name, plan.calibration)

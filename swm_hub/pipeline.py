@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from swm_hub.analyze import SimilarityReport, analyze_model
+from swm_hub.calibration import TextSource
+from swm_hub.evaluate import evaluate
 from swm_hub.merge import MergeResult, merge
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import MergePlan
@@ -36,8 +39,18 @@ def compress(
     revision: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    run_eval: bool = False,
 ) -> MergeResult:
-    """Pull ``model``, merge its redundant windows (or those of a saved plan) and write the result to ``out``."""
+    """Pull ``model``, merge its redundant windows (or those of a saved plan) and write the result to ``out``.
+
+    With ``run_eval``, the held-out perplexity of the result, the base model and the drop baselines is
+    measured and saved as ``eval.json`` beside the model, where the model card finds it.
+    """
     plan = MergePlan.from_file(plan_file) if plan_file is not None else None
     loaded = pull(model, revision=revision)
-    return merge(loaded, out, options, plan=plan, overwrite=overwrite, progress=progress)
+    result = merge(loaded, out, options, plan=plan, overwrite=overwrite, progress=progress)
+    if run_eval:
+        report = evaluate(out, TextSource(packaged="heldout"), progress=progress, base=loaded)
+        report.save(out)
+        result = replace(result, evaluation=report)
+    return result
