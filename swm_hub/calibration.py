@@ -29,8 +29,8 @@ class TextSource:
 
     @property
     def label(self) -> str:
-        """How cards and plans name the text."""
-        return str(self.path) if self.path else f"swm_hub:{PACKAGED_TEXTS[self.packaged]}"
+        """How cards and plans name the text: an absolute path, so a saved plan can be applied from anywhere."""
+        return str(self.path.resolve()) if self.path else f"swm_hub:{PACKAGED_TEXTS[self.packaged]}"
 
 
 def packaged_text(name: str) -> str:

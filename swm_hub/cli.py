@@ -142,7 +142,7 @@ def compress(
     """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
 
     Say how much to remove with one of --target-layers, --ratio or --threshold (default: the method's
-    threshold). The output folder holds sharded safetensors, the rewritten config.json, the tokenizer,
+    threshold). The output folder holds safetensors (sharded above 2 GB), the rewritten config.json, the tokenizer,
     the generation config and swm_plan.json (the windows and every score that chose them).
     """
     if plan is not None:

@@ -159,7 +159,7 @@ def evaluate(
     batches = _eval_batches(merged.tokenizer, text, blocks, seq_len)
     rows = [
         PerplexityRow(
-            f"{plan.method} (this model)",
+            f"merged: {plan.method}, {plan.merge} rule",
             plan.layers_after,
             perplexity(merged.model, batches, progress, "merged"),
         )

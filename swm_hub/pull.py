@@ -376,6 +376,7 @@ def _check_model_folder(folder: Path, source: str, where: str) -> None:
     """
     if not (folder / CONFIG_FILE).is_file():
         raise UnknownModelError(source, f"{where} has no {CONFIG_FILE}{_gguf_hint(folder)}")
+    spec_for(_read_config_json(folder / CONFIG_FILE).get("model_type"))
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UnknownModelError(
             source, f"{where} has no weights transformers can load (one of {', '.join(WEIGHT_FILES)})"

@@ -57,7 +57,9 @@ def traces(tiny_llama: LoadedModel, options: CalibrationOptions) -> list[BatchTr
 
 def flat(traces: list[BatchTrace], position: int) -> torch.Tensor:
     """The rows the report must use: every token but each block's first (the attention sink)."""
-    return torch.cat([t.hidden[position][:, 1:].reshape(-1, t.hidden[position].shape[-1]) for t in traces]).double()
+    return torch.cat(
+        [t.hidden[position][:, 1:].reshape(-1, t.hidden[position].shape[-1]) for t in traces]
+    ).double()
 
 
 def hand_report(adjacent: list[float], redundancy: list[float]) -> SimilarityReport:
