@@ -36,7 +36,7 @@ from swm_hub.checkpoint import (
 )
 from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.consolidate import MERGE_RULES, consolidate
-from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
+from swm_hub.errors import ImpossibleTargetError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
@@ -86,13 +86,6 @@ def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:
     return removed
 
 
-def _merge_rule_name(options: MergeOptions) -> str:
-    name = options.merge_rule
-    if name not in MERGE_RULES:
-        raise InvalidOptionError(f"unknown merge rule {name!r}; choose one of {', '.join(MERGE_RULES)}")
-    return name
-
-
 def _search_context(
     loaded: LoadedModel, traces: Sequence[BatchTrace], rule: str, ridge: float
 ) -> SearchContext:
@@ -132,7 +125,7 @@ def plan_merge(
     loaded: LoadedModel, traces: Sequence[BatchTrace], options: MergeOptions, progress: bool
 ) -> MergePlan:
     """Search windows on calibration traces and record the decision with every score behind it."""
-    rule = _merge_rule_name(options)
+    rule = options.merge_rule
     ctx = _search_context(loaded, traces, rule, options.ridge)
     result = _run_search(ctx, options, progress)
     preset = options.preset

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swm_hub.consolidate import MERGE_RULES
 from swm_hub.errors import InvalidOptionError
 
 HELP: dict[str, str] = {
@@ -100,6 +101,10 @@ class MergeOptions:
             raise InvalidOptionError(f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise InvalidOptionError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        if self.merge is not None and self.merge not in MERGE_RULES:
+            raise InvalidOptionError(
+                f"unknown merge rule {self.merge!r}; choose one of {', '.join(MERGE_RULES)}"
+            )
         if self.ridge <= 0:
             raise InvalidOptionError(f"--ridge must be positive, got {self.ridge}")
 

@@ -17,6 +17,13 @@ from swm_hub.version import __version__
 PLAN_FILE = "swm_plan.json"
 
 
+def _window(value: Any) -> tuple[int, int]:
+    """A window as written in a plan file: a pair of integer layer numbers, lowest first."""
+    if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
+        raise ValueError(f"a window must be a pair of layer numbers, got {value!r}")
+    return value[0], value[1]
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """Everything needed to apply, explain and reproduce a merge.
@@ -61,7 +68,7 @@ class MergePlan:
         """Read a plan, reporting a malformed file as a plan problem rather than a traceback."""
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            raw["windows"] = [tuple(window) for window in raw["windows"]]
+            raw["windows"] = [_window(window) for window in raw["windows"]]
             return cls(**raw)
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise PlanMismatchError(f"cannot read merge plan {path}: {err}") from err

