@@ -40,8 +40,13 @@ Above = Sequence[tuple[nn.Module, int]]
 
 @dataclass
 class Reference:
-    """The original model's normed final hidden states at a fixed subset of token positions."""
+    """The original model's normed final hidden states at a fixed subset of token positions.
 
+    Only the first calibration batch is scored (the paper's code used 10 samples): each candidate costs a
+    run of every layer above it, while the fit consolidation still learns from all the batches.
+    """
+
+    traces: Sequence[BatchTrace]
     positions: torch.Tensor
     final_hidden: list[torch.Tensor]
 
@@ -67,12 +72,14 @@ def score_positions(seq_len: int, per_sequence: int) -> torch.Tensor:
     return positions
 
 
-def reference_outputs(traces: Sequence[BatchTrace], head: LogitHead, per_sequence: int = 32) -> Reference:
-    """What the candidates are compared with, at the scored positions."""
-    positions = score_positions(traces[0].hidden[-1].shape[1], per_sequence)
-    return Reference(
-        positions=positions, final_hidden=[head.norm(t.hidden[-1][:, positions]) for t in traces]
-    )
+def reference_outputs(
+    traces: Sequence[BatchTrace], head: LogitHead, per_sequence: int = 32, batches: int = 1
+) -> Reference:
+    """What the candidates are compared with, at the scored positions of the scored batches."""
+    scored = traces[:batches]
+    positions = score_positions(scored[0].hidden[-1].shape[1], per_sequence)
+    finals = [head.norm(t.hidden[-1][:, positions]) for t in scored]
+    return Reference(traces=scored, positions=positions, final_hidden=finals)
 
 
 @dataclass
@@ -121,7 +128,7 @@ class WindowSearch:
         )
         modules = [layer, *(m for m, _ in above)]
         outputs = []
-        for trace in ctx.traces:
+        for trace in ctx.reference.traces:
             calls: list[LayerCall] = [trace.calls[low], *(trace.calls[i] for _m, i in above)]
             outputs.append(run_layers(modules, trace.hidden[low], calls)[:, ctx.reference.positions])
         return outputs
