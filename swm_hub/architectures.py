@@ -37,8 +37,10 @@ class ArchitectureSpec:
         onnx_supported: whether ``swm-hub export`` may try this type; False refuses it with a clear message
             even if optimum lists it (for a type known to export wrongly).
         onnx_atol: the largest absolute difference allowed between torch and ONNX Runtime outputs (logits and
-            KV cache) of a float32 export; float16 exports use ``onnx_atol_fp16``.
-        onnx_atol_fp16: the same tolerance for float16 exports.
+            KV cache) of a float32 export; float16 exports use ``onnx_atol_fp16``. SmolLM2-135M's logits
+            differ by up to 1e-4 (sums in another order), so 1e-3 leaves room for larger models while a wrong
+            mask or cache still fails by orders of magnitude.
+        onnx_atol_fp16: the same tolerance for float16 exports (float16 steps are 0.016 between 16 and 32).
     """
 
     layers_path: str
@@ -51,8 +53,8 @@ class ArchitectureSpec:
     logit_softcap_key: str | None = None
     mlp_out_path: str | None = "mlp.down_proj"
     onnx_supported: bool = True
-    onnx_atol: float = 1e-4
-    onnx_atol_fp16: float = 5e-2
+    onnx_atol: float = 1e-3
+    onnx_atol_fp16: float = 1e-1
 
 
 _LLAMA_LIKE = ArchitectureSpec(layers_path="model.layers", final_norm_path="model.norm")

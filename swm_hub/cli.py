@@ -13,11 +13,14 @@ from typing import Annotated
 
 import typer
 
-from swm_hub import errors, pipeline
+from swm_hub import errors, exporters, pipeline
+from swm_hub.bench import bench as run_bench
 from swm_hub.calibration import TextSource
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.evaluate import DROP_RULES, evaluate
+from swm_hub.model_cards import write_card
 from swm_hub.options import HELP, METHODS, CalibrationOptions, MergeOptions
+from swm_hub.pipeline import PushRequest
 from swm_hub.progress import configure, quiet_requested
 from swm_hub.similarity import PAIRWISE_METRICS
 
@@ -31,6 +34,10 @@ Examples:
   swm-hub analyze smollm2 --out smollm2-analysis
   swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L
   swm-hub eval smollm2-swm-24L
+  swm-hub export smollm2-swm-24L
+  swm-hub bench smollm2-swm-24L --baseline smollm2
+  swm-hub card smollm2-swm-24L
+  swm-hub push smollm2-swm-24L --dry-run
 
 Run 'swm-hub COMMAND --help' for each command's options.
 """
@@ -137,6 +144,17 @@ def compress(
         bool,
         typer.Option("--eval", help="also measure held-out perplexity vs the base model and drop baselines"),
     ] = False,
+    export_format: Annotated[
+        list[str] | None,
+        typer.Option("--export", help="also export: onnx (into OUT/onnx)", show_default=False),
+    ] = None,
+    push_repo: Annotated[
+        bool, typer.Option("--push", help="upload the result to the Hub (see 'swm-hub push --help')")
+    ] = False,
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="with --push: the Hub repo", show_default=False)
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="with --push: create the repo private")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
@@ -158,12 +176,27 @@ def compress(
         ridge=ridge,
         calibration=calibration,
     )
-    result = pipeline.compress(model, out, options, plan, revision, overwrite, progress, run_eval)
+    push_to = PushRequest(repo_id=repo_id, private=private) if push_repo else None
+    result = pipeline.compress(
+        model,
+        out,
+        options,
+        plan,
+        revision,
+        overwrite,
+        progress,
+        run_eval=run_eval,
+        export_formats=tuple(export_format or ()),
+        push_to=push_to,
+    )
     merged = result.plan
     _echo(f"merged windows {merged.windows}: {merged.num_layers} -> {merged.layers_after} layers")
     _echo(f"parameters: {result.params_before:,} -> {result.params_after:,}")
     if result.evaluation is not None:
         for line in result.evaluation.table_lines():
+            _echo(line)
+    if result.pushed is not None:
+        for line in result.pushed.lines():
             _echo(line)
     _echo(f"wrote {result.output_dir}")
 
@@ -228,6 +261,163 @@ def _refuse_with_plan(**given: float | str | None) -> None:
         raise errors.InvalidOptionError(
             f"--plan fixes the windows and the merge rule; drop {', '.join(clashing)}, or drop --plan to search again"
         )
+
+
+EXPORT_EXAMPLES = """\b
+Examples:
+  swm-hub export smollm2-swm-24L
+  swm-hub export smollm2-swm-24L --out smollm2-swm-24L-onnx --overwrite
+"""
+
+
+@app.command(epilog=EXPORT_EXAMPLES)
+def export(
+    model_dir: Annotated[
+        Path, typer.Argument(help="a model folder (e.g. written by swm-hub compress)", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="ONNX folder (default: MODEL_DIR/onnx)", show_default=False),
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 (needs --device cuda)")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export to ONNX with KV cache (optimum, text-generation-with-past) and check it against torch.
+
+    The check runs the same prompt through torch and ONNX Runtime and prints the largest absolute
+    difference of every output; a difference above the architecture's tolerance is an error.
+    Models over 2 GB get their weights in external data files.
+    """
+    configure(quiet_requested(quiet))
+    result = exporters.export(model_dir, ("onnx",), out=out, dtype=dtype, device=device, overwrite=overwrite)[
+        "onnx"
+    ]
+    for check in result.checks:
+        _echo(check.line())
+    _echo(f"wrote {result.path} ({result.size_mb:.1f} MB, max abs diff {result.max_abs_diff:.2e})")
+
+
+BENCH_EXAMPLES = """\b
+Examples:
+  swm-hub bench smollm2-swm-24L --baseline smollm2
+  swm-hub bench smollm2-swm-24L --baseline smollm2 --json smollm2-swm-24L/bench.json
+  swm-hub bench smollm2-swm-24L --baseline smollm2-onnx --backend onnxruntime --runs 3
+"""
+
+
+@app.command(epilog=BENCH_EXAMPLES)
+def bench(
+    model: ModelArg,
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="the original model, to compare with", show_default=False)
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="torch or onnxruntime (a folder with an ONNX export)")
+    ] = "torch",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length in tokens")] = 12,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="tokens generated per run")] = 128,
+    runs: Annotated[int, typer.Option("--runs", help="timed runs per model, after one warm-up")] = 5,
+    compiled: Annotated[
+        bool | None,
+        typer.Option(
+            "--compiled/--eager", help="static KV cache + torch.compile (default on CUDA)", show_default=False
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads (default: torch's)", show_default=False)
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="also write the results as JSON here", show_default=False)
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Latency of a model and its original side by side: prefill, per-token decode, end to end, tokens/s, memory.
+
+    Prints median, min and max over the runs, the measured speedup and the ideal one (layers before /
+    layers after). Save the JSON as bench.json in a compressed folder and 'swm-hub card' adds the table.
+    """
+    configure(quiet_requested(quiet))
+    report = run_bench(
+        model,
+        baseline,
+        backend=backend,  # type: ignore[arg-type]
+        device=device,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        runs=runs,
+        compiled=compiled,
+        threads=threads,
+    )
+    for line in report.table_lines():
+        _echo(line)
+    if json_file is not None:
+        report.save_json(json_file)
+        _echo(f"wrote {json_file}")
+
+
+CARD_EXAMPLES = """\b
+Examples:
+  swm-hub card smollm2-swm-24L
+  swm-hub card smollm2-swm-24L --repo-id me/smollm2-swm-24L
+"""
+
+
+@app.command(epilog=CARD_EXAMPLES)
+def card(
+    model_dir: Annotated[
+        Path, typer.Argument(help="a folder written by swm-hub compress", show_default=False)
+    ],
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="the Hub repo the card will live in", show_default=False)
+    ] = None,
+) -> None:
+    """Write the model card (README.md) from what the folder holds: plan, similarity, eval.json, bench.json.
+
+    Only measured results appear; a section whose file is missing is left out, never filled in.
+    """
+    _echo(f"wrote {write_card(model_dir, repo_id)}")
+
+
+PUSH_EXAMPLES = """\b
+Examples:
+  swm-hub push smollm2-swm-24L --dry-run
+  swm-hub push smollm2-swm-24L --repo-id me/smollm2-swm-24L --private
+  swm-hub push smollm2-swm-24L --create-pr --commit-message "Re-merged with --ratio 0.3"
+"""
+
+
+@app.command(epilog=PUSH_EXAMPLES)
+def push(
+    model_dir: Annotated[
+        Path, typer.Argument(help="a folder written by swm-hub compress", show_default=False)
+    ],
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="default: <user>/<base-name>-swm-<N>L", show_default=False)
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="create the repo private")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="branch to push to", show_default=False)
+    ] = None,
+    create_pr: Annotated[
+        bool, typer.Option("--create-pr", help="open a pull request instead of committing")
+    ] = False,
+    commit_message: Annotated[
+        str | None, typer.Option("--commit-message", help="commit title", show_default=False)
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be uploaded, upload nothing")
+    ] = False,
+) -> None:
+    """Upload a compressed folder to the Hub in one commit: weights, ONNX, card, plan and heatmap.
+
+    The token comes from the usual huggingface_hub places (HF_TOKEN, or 'huggingface-cli login').
+    """
+    request = PushRequest(repo_id, private, revision, create_pr, commit_message, dry_run)
+    for line in request.run(model_dir).lines():
+        _echo(line)
 
 
 def _hint(error: errors.SwmHubError) -> str:

@@ -125,3 +125,50 @@ class MissingDependencyError(SwmHubError, ImportError):
         self.package = package
         self.install = install
         super().__init__(f"the package {package} is needed for this and is not installed: {install}")
+
+
+class MissingTokenError(SwmHubError, PermissionError):
+    """A push with no Hugging Face token in any of the usual places (argument, HF_TOKEN, the login file).
+
+    Attributes:
+        retry_command: the command that retries the push once a token is set up.
+    """
+
+    def __init__(self, retry_command: str) -> None:
+        self.retry_command = retry_command
+        super().__init__(
+            "no Hugging Face token found: log in with `huggingface-cli login` (or `hf auth login`), or set "
+            f"HF_TOKEN to a token with write access, then retry: {retry_command}"
+        )
+
+
+class PushError(SwmHubError, OSError):
+    """A push that failed on the way to the Hub (network, server, invalid upload); nothing local was changed.
+
+    Attributes:
+        repo_id: the repository the push was for, when it was known.
+        reason: what went wrong and what to do, without any token.
+        retry_command: the exact command that retries the push.
+    """
+
+    def __init__(self, repo_id: str | None, reason: str, retry_command: str) -> None:
+        self.repo_id = repo_id
+        self.reason = reason
+        self.retry_command = retry_command
+        target = f" to {repo_id}" if repo_id else ""
+        super().__init__(
+            f"push{target} failed: {reason}; the local folder is unchanged; retry with: {retry_command}"
+        )
+
+
+class PushPermissionError(PushError, PermissionError):
+    """A push the Hub refused: the token is invalid (401) or may not write to the repository (403)."""
+
+
+class ResultFileError(SwmHubError, ValueError):
+    """A result file in an output folder (similarity.json, eval.json) that exists but cannot be read."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read the result file {self.path}: {reason}; regenerate it or delete it")

@@ -45,6 +45,7 @@ from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_
 
 if TYPE_CHECKING:
     from swm_hub.evaluate import EvalReport
+    from swm_hub.push import PushResult
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class MergeResult:
     params_before: int
     params_after: int
     evaluation: EvalReport | None = None
+    pushed: PushResult | None = None
 
 
 def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from swm_hub.analyze import SimilarityReport, analyze_model
 from swm_hub.calibration import TextSource
 from swm_hub.evaluate import evaluate
+from swm_hub.exporters import export
 from swm_hub.merge import MergeResult, merge
+from swm_hub.model_cards import write_card
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import MergePlan
 from swm_hub.pull import pull
+from swm_hub.push import PushResult, push
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_CALIBRATION = CalibrationOptions()
@@ -40,11 +44,15 @@ def compress(
     overwrite: bool = False,
     progress: bool = False,
     run_eval: bool = False,
+    export_formats: Sequence[str] = (),
+    push_to: PushRequest | None = None,
 ) -> MergeResult:
-    """Pull ``model``, merge its redundant windows (or those of a saved plan) and write the result to ``out``.
+    """Pull, merge, then (as asked) evaluate, export, write the model card, and push.
 
     With ``run_eval``, the held-out perplexity of the result, the base model and the drop baselines is
-    measured and saved as ``eval.json`` beside the model, where the model card finds it.
+    measured and saved as ``eval.json`` beside the model. Each format in ``export_formats`` goes to a
+    subfolder (``onnx/``). The card (``README.md``) is written last from whatever was measured, so it
+    describes exactly what the folder holds, and ``push_to`` uploads the folder in one commit.
     """
     plan = MergePlan.from_file(plan_file) if plan_file is not None else None
     loaded = pull(model, revision=revision)
@@ -53,4 +61,32 @@ def compress(
         report = evaluate(out, TextSource(packaged="heldout"), progress=progress, base=loaded)
         report.save(out)
         result = replace(result, evaluation=report)
+    if export_formats:
+        export(out, export_formats)
+    write_card(out)
+    if push_to is not None:
+        result = replace(result, pushed=push_to.run(out))
     return result
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """Where and how ``compress --push`` uploads; the defaults are those of ``swm-hub push``."""
+
+    repo_id: str | None = None
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+    dry_run: bool = False
+
+    def run(self, folder: Path) -> PushResult:
+        return push(
+            folder,
+            repo_id=self.repo_id,
+            private=self.private,
+            revision=self.revision,
+            create_pr=self.create_pr,
+            commit_message=self.commit_message,
+            dry_run=self.dry_run,
+        )

@@ -162,7 +162,9 @@ def export_onnx(
 
     with output_folder(target, overwrite) as temp:
         _run_optimum(folder, temp, dtype, device)
-        checks = validate_export(folder, temp, atol=atol, dtype=dtype, device=_validation_device(dtype, device))
+        checks = validate_export(
+            folder, temp, atol=atol, dtype=dtype, device=_validation_device(dtype, device)
+        )
     result = ExportResult(
         model_dir=folder,
         path=target.absolute(),
@@ -204,7 +206,9 @@ def check_onnx_support(model_type: str | None) -> ArchitectureSpec:
     name = str(model_type)
     spec = ARCHITECTURES.get(name)
     if spec is None:
-        raise ExportUnsupportedError(name, "swm-hub has no registry entry for it", onnx_exportable_model_types())
+        raise ExportUnsupportedError(
+            name, "swm-hub has no registry entry for it", onnx_exportable_model_types()
+        )
     if not spec.onnx_supported:
         raise ExportUnsupportedError(
             name, "its ONNX export is known not to match torch", onnx_exportable_model_types()
@@ -276,11 +280,13 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _run_optimum(folder: Path, output: Path, dtype: str, device: str) -> None:
-    """optimum's export, without its own validation (ours follows, on a real prompt and a decode step)."""
+    """Optimum's export, without its own validation (ours follows, on a real prompt and a decode step)."""
     main_export = _optimum_main_export()
     with warnings.catch_warnings():
         # Tracing prints a TracerWarning for every Python branch on a tensor; they are expected here.
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        # Advanced indexing with negative indices would export wrongly; the validation would catch it.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         main_export(
             str(folder),
             output=output,
@@ -318,7 +324,7 @@ def _optimum_main_export() -> Any:
 
 
 def _tasks_manager() -> Any:
-    """optimum's ``TasksManager``, with the ONNX configs registered (importing them is what registers them)."""
+    """Optimum's ``TasksManager``, with the ONNX configs registered (importing them is what registers them)."""
     try:
         import optimum.exporters.onnx.model_configs  # noqa: F401
         from optimum.exporters.tasks import TasksManager

@@ -153,7 +153,8 @@ def check_device(device: str, onnx: bool = False) -> None:
         raise InvalidOptionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
-            "cuda", "torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); use --device cpu"
+            "cuda",
+            "torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); use --device cpu",
         )
     if onnx and device == "cuda":
         require_onnx_runtime()
@@ -190,14 +191,25 @@ def require_onnx_runtime() -> None:
             raise MissingDependencyError(package, _ONNX_EXTRA)
 
 
-def load_ort_model(onnx_dir: Path, device: str) -> Any:
-    """An ``ORTModelForCausalLM`` with its KV cache, on the provider of ``device``."""
+def load_ort_model(onnx_dir: Path, device: str, threads: int | None = None) -> Any:
+    """An ``ORTModelForCausalLM`` with its KV cache, on the provider of ``device``.
+
+    ``threads`` sets ONNX Runtime's intra-op thread count (default: one per physical core).
+    """
     require_onnx_runtime()
+    import onnxruntime
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
         model = ORTModelForCausalLM.from_pretrained(
-            onnx_dir, provider=ort_provider(device), use_cache=True, local_files_only=True
+            onnx_dir,
+            provider=ort_provider(device),
+            session_options=options,
+            use_cache=True,
+            local_files_only=True,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CorruptWeightsError(onnx_dir, f"ONNX Runtime cannot load the export ({exc})") from exc
@@ -234,7 +246,8 @@ def _torch_outputs(
     model_dir: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype, device: str
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The reference outputs, and the greedy next token that both decode steps read."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device)
     model.train(False)
     outputs, next_token = _outputs(model, input_ids, attention_mask, None)
     del model

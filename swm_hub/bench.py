@@ -1,0 +1,827 @@
+"""Latency of a model at batch 1, and of a compressed model beside its original, in the way a user feels it.
+
+Every run reads the same natural-language prompt, cut or extended to exactly ``prompt_tokens`` tokens, and
+generates exactly ``new_tokens`` tokens greedily (``min_new_tokens = max_new_tokens``, so an early EOS cannot
+shorten a run). A run times two things, each between device synchronisations on CUDA:
+
+- prefill: one forward pass over the prompt up to the first token's logits (time to first token);
+- end to end: ``generate`` from the prompt to the last token.
+
+Decode per token is ``(end_to_end - prefill) / (new_tokens - 1)``, and tokens/s is ``new_tokens`` over the
+end-to-end time. The process's CPU time over the end-to-end run is recorded too: on a CPU that other work
+shares, it leaves out the time the run waited for a core. Warm-up runs come first and are discarded; the
+report gives median, min and max over the timed runs. With a baseline, both models stay loaded and their
+runs alternate (ABBA order), so a change in machine load touches both alike; the measured speedup (baseline
+median over model median) is printed next to the ideal one, layers before over layers after.
+
+Eager ``generate`` at batch 1 on a GPU is bound by Python and kernel launches, which hides most of what
+removing layers buys; on CUDA the default is therefore the overhead-free path: a static KV cache with the
+decoding step compiled by ``torch.compile`` (transformers' ``CompileConfig``, mode ``reduce-overhead``).
+
+Peak memory is the model's weights plus the peak working memory of a run (KV cache, activations, runtime
+workspaces) above what was resident just before it: on CUDA from ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``; on CPU from the process's peak resident set (``VmHWM``), reset before each run
+by writing 5 to ``/proc/self/clear_refs`` (Linux). Where that reset is impossible, ``resource.getrusage``'s
+``ru_maxrss`` is used; it never decreases within a process, so a run that stays under an earlier peak shows
+no working memory (``memory_method`` in the report says which was used).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, CompileConfig, GenerationConfig
+
+from swm_hub.architectures import spec_for_config
+from swm_hub.errors import InvalidOptionError, UnknownModelError
+from swm_hub.exporters.validate import check_device, load_ort_model
+from swm_hub.pull import LoadedModel, pull
+
+__all__ = [
+    "BACKENDS",
+    "BENCH_PROMPT",
+    "Backend",
+    "BenchReport",
+    "ModelBench",
+    "Stat",
+    "bench",
+    "bench_loaded",
+    "prompt_ids",
+]
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["torch", "onnxruntime"]
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+BENCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BENCH_PROMPT: str = (
+    "The library stood at the end of a quiet street, its windows glowing warmly against the winter dusk. "
+    "Inside, an old librarian was sorting letters that had arrived from every corner of the country, each one "
+    "asking for a book that had long been out of print."
+)
+ONNX_SUBFOLDER: str = "onnx"
+_MB = 2**20
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median, minimum and maximum of one measure over the timed runs."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        """Summarize the per-run values of a measure."""
+        return cls(median=float(statistics.median(values)), min=float(min(values)), max=float(max(values)))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.min, "max": self.max}
+
+
+@dataclass(frozen=True)
+class ModelBench:
+    """The measures of one model.
+
+    Attributes:
+        name: the model as given (a name, a folder or an ONNX export folder).
+        layers: its number of decoder layers.
+        weights_mb: the size of its weights in memory (torch) or on disk (ONNX files).
+        prefill_ms: one forward pass over the prompt, to the first token's logits.
+        decode_ms_per_token: ``(end_to_end - prefill) / (new_tokens - 1)``.
+        end_to_end_ms: ``generate`` from the prompt to the last new token.
+        tokens_per_s: new tokens over the end-to-end time.
+        peak_memory_mb: weights plus the run's peak working memory (see the module docstring).
+        end_to_end_cpu_ms: the process's CPU time (all threads, user and system) over the end-to-end run.
+            On a CPU shared with other work it does not count the time the run waited for a core, so its
+            ratio estimates the speedup better than wall time there; on CUDA it is host time only.
+        runs_end_to_end_ms: the end-to-end time of each timed run, in order.
+    """
+
+    name: str
+    layers: int
+    weights_mb: float
+    prefill_ms: Stat
+    decode_ms_per_token: Stat
+    end_to_end_ms: Stat
+    tokens_per_s: Stat
+    peak_memory_mb: Stat
+    end_to_end_cpu_ms: Stat
+    runs_end_to_end_ms: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layers": self.layers,
+            "weights_mb": self.weights_mb,
+            "prefill_ms": self.prefill_ms.to_dict(),
+            "decode_ms_per_token": self.decode_ms_per_token.to_dict(),
+            "end_to_end_ms": self.end_to_end_ms.to_dict(),
+            "tokens_per_s": self.tokens_per_s.to_dict(),
+            "peak_memory_mb": self.peak_memory_mb.to_dict(),
+            "end_to_end_cpu_ms": self.end_to_end_cpu_ms.to_dict(),
+            "runs_end_to_end_ms": list(self.runs_end_to_end_ms),
+        }
+
+
+# (label, field, whether larger is better) of each table row.
+_ROWS: tuple[tuple[str, str, bool], ...] = (
+    ("prefill (ms)", "prefill_ms", False),
+    ("decode (ms/token)", "decode_ms_per_token", False),
+    ("end-to-end {p}/{n} (ms)", "end_to_end_ms", False),
+    ("tokens/s", "tokens_per_s", True),
+    ("peak memory (MB)", "peak_memory_mb", False),
+    ("end-to-end CPU time (ms)", "end_to_end_cpu_ms", False),
+)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """A benchmark's settings, the model's measures, and the baseline's with the speedups when given.
+
+    ``speedup`` maps each measure to baseline over model (model over baseline for tokens/s), so above 1 is
+    better for every entry; ``measured_speedup`` is the end-to-end one, and ``ideal_speedup`` is the
+    baseline's layers over the model's.
+    """
+
+    backend: str
+    device: str
+    dtype: str
+    compiled: bool
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    warmup: int
+    memory_method: str
+    model: ModelBench
+    baseline: ModelBench | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> dict[str, float] | None:
+        if self.baseline is None:
+            return None
+        return {
+            name: _gain(getattr(self.baseline, name).median, getattr(self.model, name).median, higher_better)
+            for _, name, higher_better in _ROWS
+        }
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """Baseline end-to-end median over the model's."""
+        speedup = self.speedup
+        return speedup["end_to_end_ms"] if speedup is not None else None
+
+    @property
+    def ideal_speedup(self) -> float | None:
+        """Layers before over layers after: what removing layers would buy if nothing else cost time."""
+        if self.baseline is None:
+            return None
+        return self.baseline.layers / self.model.layers
+
+    @property
+    def speedup_efficiency(self) -> float | None:
+        """Measured end-to-end speedup as a fraction of the ideal one."""
+        measured, ideal = self.measured_speedup, self.ideal_speedup
+        return measured / ideal if measured is not None and ideal is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "dtype": self.dtype,
+            "compiled": self.compiled,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "memory_method": self.memory_method,
+            "model": self.model.to_dict(),
+            "baseline": self.baseline.to_dict() if self.baseline is not None else None,
+            "speedup": self.speedup,
+            "measured_speedup": self.measured_speedup,
+            "ideal_speedup": self.ideal_speedup,
+            "speedup_efficiency": self.speedup_efficiency,
+            "environment": self.environment,
+        }
+
+    def to_json(self) -> str:
+        """The report as one line of JSON."""
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+    def save_json(self, path: Path) -> None:
+        """Write the report as JSON to ``path`` (a file the caller named; its folder is created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def title(self) -> str:
+        path = "compiled static cache" if self.compiled else "eager"
+        return (
+            f"{self.backend} on {self.device} ({self.dtype}, {path}): {self.prompt_tokens}-token prompt, "
+            f"{self.new_tokens} new tokens, median [min-max] of {self.runs} runs after {self.warmup} warm-up"
+        )
+
+    def rows(self) -> list[list[str]]:
+        """Header and body cells of the table: measure, baseline, model, gain."""
+        columns = [self.baseline, self.model] if self.baseline is not None else [self.model]
+        header = ["measure"] + [f"{bench.name} ({bench.layers} layers)" for bench in columns]
+        if self.baseline is not None:
+            header.append("gain")
+        body = []
+        speedup = self.speedup
+        for label, name, _ in _ROWS:
+            row = [label.format(p=self.prompt_tokens, n=self.new_tokens)]
+            row += [_cell(getattr(bench, name)) for bench in columns]
+            if speedup is not None:
+                row.append(f"{speedup[name]:.2f}x")
+            body.append(row)
+        return [header, *body]
+
+    def summary(self) -> str | None:
+        """The line that compares the measured speedup with the ideal one."""
+        if self.baseline is None:
+            return None
+        line = (
+            f"ideal speedup {self.baseline.layers}/{self.model.layers} layers = {self.ideal_speedup:.2f}x; "
+            f"measured end-to-end {self.measured_speedup:.2f}x = {self.speedup_efficiency:.2f} of ideal"
+        )
+        speedup = self.speedup
+        if self.device == "cpu" and speedup is not None:
+            line += f" (by CPU time {speedup['end_to_end_cpu_ms']:.2f}x)"
+        return line
+
+    def table_lines(self) -> list[str]:
+        """A plain-text table (title, header, one line per measure, then the speedup summary)."""
+        rows = self.rows()
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [self.title()]
+        for index, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])] + [
+                cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
+            ]
+            lines.append("  ".join(cells).rstrip())
+            if index == 0:
+                lines.append("  ".join("-" * width for width in widths))
+        summary = self.summary()
+        if summary is not None:
+            lines.append(summary)
+        return lines
+
+    def rich_table(self) -> Any:
+        """The same table as a ``rich.table.Table`` (rich comes with typer)."""
+        from rich.table import Table
+
+        rows = self.rows()
+        table = Table(title=self.title(), caption=self.summary())
+        for index, name in enumerate(rows[0]):
+            table.add_column(name, justify="left" if index == 0 else "right")
+        for row in rows[1:]:
+            table.add_row(*row)
+        return table
+
+
+def bench(
+    model: str | Path,
+    baseline: str | Path | None = None,
+    backend: Backend = "torch",
+    device: str = "cpu",
+    prompt_tokens: int = 12,
+    new_tokens: int = 128,
+    runs: int = 5,
+    warmup: int = 1,
+    compiled: bool | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+) -> BenchReport:
+    """Measure the latency of ``model`` and, with ``baseline``, of the original beside it.
+
+    Args:
+        model: for ``torch``, anything ``pull`` takes (folder, Hub id, .gguf file, ``smollm2``); for
+            ``onnxruntime``, the folder of an ONNX export, or a model folder with an ``onnx/`` subfolder.
+        baseline: the same kind of name for the original model; the speedups are baseline over model.
+        backend: ``torch`` or ``onnxruntime``.
+        device: ``cpu`` or ``cuda``.
+        prompt_tokens: exact prompt length in tokens.
+        new_tokens: exact number of generated tokens (at least 2, so that decoding is measured).
+        runs: timed runs per model.
+        warmup: discarded runs per model before the timed ones (at least 1 on the compiled path, whose first
+            run compiles).
+        compiled: the static-cache ``torch.compile`` path; default on for torch on CUDA, and only possible
+            there.
+        dtype: ``fp32``, ``fp16`` or ``bf16`` for torch (default fp16 on CUDA, fp32 on CPU); ONNX Runtime runs
+            the export's own dtype.
+        threads: CPU threads for torch and ONNX Runtime during the benchmark (default: theirs, one per core);
+            on a busy machine fewer threads than cores avoid stalls while threads wait for each other.
+
+    Raises:
+        InvalidOptionError: a value out of range or a combination that cannot run.
+        DeviceUnavailableError: ``cuda`` without a GPU (or without ONNX Runtime's CUDA provider).
+        UnknownModelError: a model that cannot be found, or a folder without an ONNX export.
+    """
+    compiled = _check_options(backend, device, prompt_tokens, new_tokens, runs, warmup, compiled, dtype)
+    if threads is not None and threads < 1:
+        raise InvalidOptionError(f"--threads must be at least 1, got {threads}")
+    torch_dtype = BENCH_DTYPES[dtype or ("fp16" if device == "cuda" else "fp32")]
+    names = ([baseline] if baseline is not None else []) + [model]
+    with _torch_threads(threads):
+        runners = [_load(str(name), backend, device, torch_dtype, compiled, threads) for name in names]
+        return _run(
+            runners,
+            baseline is not None,
+            backend,
+            device,
+            compiled,
+            prompt_tokens,
+            new_tokens,
+            runs,
+            warmup,
+            threads,
+        )
+
+
+def bench_loaded(
+    model: LoadedModel,
+    baseline: LoadedModel | None = None,
+    device: str = "cpu",
+    prompt_tokens: int = 12,
+    new_tokens: int = 128,
+    runs: int = 5,
+    warmup: int = 1,
+    compiled: bool | None = None,
+) -> BenchReport:
+    """``bench`` for torch models already in memory and on ``device``.
+
+    For example random weights of a published shape, built on the GPU without writing them to disk; the
+    names in the report come from the models' sources.
+    """
+    compiled = _check_options("torch", device, prompt_tokens, new_tokens, runs, warmup, compiled, None)
+    loaded = ([baseline] if baseline is not None else []) + [model]
+    runners = [_torch_runner(item, item.source.display_name, device, compiled) for item in loaded]
+    return _run(
+        runners, baseline is not None, "torch", device, compiled, prompt_tokens, new_tokens, runs, warmup
+    )
+
+
+def _run(
+    runners: list[_Runner],
+    has_baseline: bool,
+    backend: str,
+    device: str,
+    compiled: bool,
+    prompt_tokens: int,
+    new_tokens: int,
+    runs: int,
+    warmup: int,
+    threads: int | None = None,
+) -> BenchReport:
+    """Warm up, then alternate the timed runs of the loaded models (ABBA), and summarize each."""
+    warmup = max(warmup, 1) if compiled else warmup
+    probe = _memory_probe(backend, device)
+    load_before = _loadavg()
+    prompt = prompt_ids(runners[-1].tokenizer, prompt_tokens)
+    samples: list[list[_Sample]] = [[] for _ in runners]
+    for run in range(warmup + runs):
+        order = list(range(len(runners)))
+        for index in order if run % 2 == 0 else order[::-1]:
+            sample = _measure(runners[index], prompt, new_tokens, probe)
+            if run >= warmup:
+                samples[index].append(sample)
+        logger.info("run %d of %d done (%s)", run + 1, warmup + runs, "warm-up" if run < warmup else "timed")
+    results = [_summarize(runner, taken, new_tokens) for runner, taken in zip(runners, samples, strict=True)]
+    dtype_name = _dtype_name(runners[-1].dtype)
+    for runner in runners:
+        runner.close()
+    return BenchReport(
+        backend=backend,
+        device=device,
+        dtype=dtype_name,
+        compiled=compiled,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        runs=runs,
+        warmup=warmup,
+        memory_method=probe.method,
+        model=results[-1],
+        baseline=results[0] if has_baseline else None,
+        environment=_environment(backend, device, load_before, threads),
+    )
+
+
+def prompt_ids(tokenizer: Any, length: int) -> torch.Tensor:
+    """Exactly ``length`` tokens of natural English: the prompt, repeated as needed, then cut."""
+    ids: list[int] = list(tokenizer(BENCH_PROMPT)["input_ids"])
+    more: list[int] = list(tokenizer(" " + BENCH_PROMPT, add_special_tokens=False)["input_ids"])
+    while len(ids) < length:
+        ids += more
+    return torch.tensor([ids[:length]], dtype=torch.long)
+
+
+# --- options -----------------------------------------------------------------------------------------------
+
+
+def _check_options(
+    backend: str,
+    device: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    runs: int,
+    warmup: int,
+    compiled: bool | None,
+    dtype: str | None,
+) -> bool:
+    """Validate the settings and return whether the compiled path is used."""
+    if backend not in BACKENDS:
+        raise InvalidOptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if prompt_tokens < 1 or new_tokens < 2 or runs < 1 or warmup < 0:
+        raise InvalidOptionError(
+            "bench needs --prompt-tokens >= 1, --new-tokens >= 2, --runs >= 1 and --warmup >= 0 "
+            f"(got {prompt_tokens}, {new_tokens}, {runs}, {warmup})"
+        )
+    if dtype is not None and dtype not in BENCH_DTYPES:
+        raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of {', '.join(BENCH_DTYPES)}")
+    if dtype is not None and backend == "onnxruntime":
+        raise InvalidOptionError("--dtype applies to the torch backend; ONNX Runtime runs the export's dtype")
+    check_device(device, onnx=backend == "onnxruntime")
+    if compiled is None:
+        return backend == "torch" and device == "cuda"
+    if compiled and (backend != "torch" or device != "cuda"):
+        raise InvalidOptionError(
+            "the compiled path (static KV cache + torch.compile) needs --backend torch --device cuda"
+        )
+    return compiled
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Runner:
+    """A loaded model behind the one interface both backends share (``__call__`` and ``generate``)."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    layers: int
+    weights_mb: float
+    dtype: torch.dtype
+    device: torch.device
+    synchronize: Callable[[], None]
+    generate_kwargs: dict[str, Any]
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch CPU threads, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _load(
+    name: str, backend: str, device: str, dtype: torch.dtype, compiled: bool, threads: int | None
+) -> _Runner:
+    logger.info("loading %s for %s on %s", name, backend, device)
+    if backend == "onnxruntime":
+        return _load_ort(name, device, threads)
+    return _load_torch(name, device, dtype, compiled)
+
+
+def _load_torch(name: str, device: str, dtype: torch.dtype, compiled: bool) -> _Runner:
+    return _torch_runner(pull(name, dtype=dtype, device=device), name, device, compiled)
+
+
+def _torch_runner(loaded: LoadedModel, name: str, device: str, compiled: bool) -> _Runner:
+    model = loaded.model
+    spec = spec_for_config(model.config)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    kwargs: dict[str, Any] = {}
+    if compiled:
+        # One CompileConfig per model: transformers recompiles when it gets a config that is not this one.
+        kwargs = {"cache_implementation": "static", "compile_config": CompileConfig(mode="reduce-overhead")}
+    return _Runner(
+        name=name,
+        model=model,
+        tokenizer=loaded.tokenizer,
+        layers=int(getattr(model.config, spec.count_key)),
+        weights_mb=weights / _MB,
+        dtype=model.dtype,
+        device=torch.device(device),
+        synchronize=torch.cuda.synchronize if device == "cuda" else _no_op,
+        generate_kwargs=kwargs,
+    )
+
+
+def _load_ort(name: str, device: str, threads: int | None) -> _Runner:
+    folder = _onnx_folder(name)
+    config = AutoConfig.from_pretrained(folder)
+    spec = spec_for_config(config)
+    tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else folder.parent
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)  # type: ignore[no-untyped-call]
+    model = load_ort_model(folder, device, threads)
+    onnx_files = [*folder.glob("*.onnx"), *folder.glob("*.onnx_data")]
+    return _Runner(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        layers=int(getattr(config, spec.count_key)),
+        weights_mb=sum(file.stat().st_size for file in onnx_files) / _MB,
+        dtype=model.dtype,
+        device=torch.device(device),
+        synchronize=_no_op,  # ONNX Runtime's run() returns when its outputs are ready
+        generate_kwargs={},
+    )
+
+
+def _onnx_folder(name: str) -> Path:
+    """The export folder: ``name`` itself when it holds ``*.onnx``, else its ``onnx/`` subfolder."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UnknownModelError(
+            name, "the onnxruntime backend needs a local folder holding an ONNX export (`swm-hub export DIR`)"
+        )
+    for folder in (path, path / ONNX_SUBFOLDER):
+        if any(folder.glob("*.onnx")):
+            return folder.absolute()
+    raise UnknownModelError(
+        name,
+        f"{path} holds no .onnx file and no {ONNX_SUBFOLDER}/ subfolder with one: run `swm-hub export {path}`",
+    )
+
+
+def _no_op() -> None:
+    return None
+
+
+# --- one run -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sample:
+    prefill_s: float
+    end_to_end_s: float
+    end_to_end_cpu_s: float
+    working_mb: float
+
+
+@torch.no_grad()
+def _measure(runner: _Runner, prompt: torch.Tensor, new_tokens: int, probe: _MemoryProbe) -> _Sample:
+    """One prefill, then one full generation, both timed; memory is watched over both."""
+    input_ids = prompt.to(runner.device)
+    attention_mask = torch.ones_like(input_ids)
+    config = _generation_config(runner, new_tokens)
+    probe.start()
+
+    runner.synchronize()
+    started = time.perf_counter()
+    outputs = runner.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    outputs.logits[:, -1].argmax(dim=-1)
+    runner.synchronize()
+    prefill = time.perf_counter() - started
+    del outputs
+
+    runner.synchronize()
+    cpu_started = time.process_time()
+    started = time.perf_counter()
+    generated = runner.model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **runner.generate_kwargs
+    )
+    runner.synchronize()
+    end_to_end = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+
+    working = probe.stop()
+    produced = int(generated.shape[-1]) - int(input_ids.shape[-1])
+    if produced != new_tokens:
+        raise RuntimeError(f"{runner.name} generated {produced} tokens instead of {new_tokens}")
+    return _Sample(prefill_s=prefill, end_to_end_s=end_to_end, end_to_end_cpu_s=cpu, working_mb=working)
+
+
+def _generation_config(runner: _Runner, new_tokens: int) -> GenerationConfig:
+    """Greedy, exactly ``new_tokens`` new tokens, and none of the model's own sampling or penalty defaults.
+
+    Only the special token ids come from the model's generation config (or its tokenizer), so that both
+    models of a comparison do the same work per step.
+    """
+    defaults = getattr(runner.model, "generation_config", None)
+    tokenizer = runner.tokenizer
+    special = {
+        name: getattr(defaults, name, None)
+        if getattr(defaults, name, None) is not None
+        else getattr(tokenizer, name)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    if special["pad_token_id"] is None:
+        eos = special["eos_token_id"]
+        special["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    config: GenerationConfig = GenerationConfig(  # type: ignore[no-untyped-call]
+        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **special
+    )
+    return config
+
+
+def _summarize(runner: _Runner, samples: Sequence[_Sample], new_tokens: int) -> ModelBench:
+    prefill = [sample.prefill_s * 1e3 for sample in samples]
+    end_to_end = [sample.end_to_end_s * 1e3 for sample in samples]
+    decode = [(total - first) / (new_tokens - 1) for total, first in zip(end_to_end, prefill, strict=True)]
+    return ModelBench(
+        name=runner.name,
+        layers=runner.layers,
+        weights_mb=runner.weights_mb,
+        prefill_ms=Stat.of(prefill),
+        decode_ms_per_token=Stat.of(decode),
+        end_to_end_ms=Stat.of(end_to_end),
+        tokens_per_s=Stat.of([new_tokens / (total / 1e3) for total in end_to_end]),
+        peak_memory_mb=Stat.of([runner.weights_mb + sample.working_mb for sample in samples]),
+        end_to_end_cpu_ms=Stat.of([sample.end_to_end_cpu_s * 1e3 for sample in samples]),
+        runs_end_to_end_ms=tuple(end_to_end),
+    )
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+
+class _MemoryProbe:
+    """Working memory of one run, in MB, above what was in use when it started."""
+
+    method: str = "none"
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> float:
+        return 0.0
+
+
+class _CudaProbe(_MemoryProbe):
+    """torch's CUDA allocator: exact for tensors, blind to other libraries' allocations."""
+
+    method = "cuda_max_memory_allocated"
+
+    def __init__(self) -> None:
+        self._before = 0
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._before = torch.cuda.memory_allocated()
+
+    def stop(self) -> float:
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - self._before) / _MB
+
+
+class _CudaDeviceProbe(_MemoryProbe):
+    """Device-wide memory in use (ONNX Runtime's CUDA arena is invisible to torch's allocator).
+
+    ONNX Runtime's arena keeps what it grew to, so the growth after a run approximates the run's peak; it
+    also counts any other process on the GPU.
+    """
+
+    method = "cuda_mem_get_info"
+
+    def __init__(self) -> None:
+        self._before = 0
+
+    def start(self) -> None:
+        free, total = torch.cuda.mem_get_info()
+        self._before = total - free
+
+    def stop(self) -> float:
+        free, total = torch.cuda.mem_get_info()
+        return max(0, total - free - self._before) / _MB
+
+
+class _RssProbe(_MemoryProbe):
+    """The process's peak resident set (Linux ``VmHWM``), reset before each run through ``clear_refs``."""
+
+    method = "linux_vmhwm"
+
+    def __init__(self) -> None:
+        self._before = 0.0
+
+    def start(self) -> None:
+        gc.collect()
+        _CLEAR_REFS.write_text("5")
+        self._before = _status_mb("VmRSS")
+
+    def stop(self) -> float:
+        return max(0.0, _status_mb("VmHWM") - self._before)
+
+
+class _MaxRssProbe(_MemoryProbe):
+    """``ru_maxrss``: a peak over the whole process life, so a run below an earlier peak shows zero."""
+
+    method = "ru_maxrss"
+
+    def __init__(self) -> None:
+        self._before = 0.0
+
+    def start(self) -> None:
+        self._before = _maxrss_mb()
+
+    def stop(self) -> float:
+        return max(0.0, _maxrss_mb() - self._before)
+
+
+def _memory_probe(backend: str, device: str) -> _MemoryProbe:
+    if device == "cuda":
+        return _CudaProbe() if backend == "torch" else _CudaDeviceProbe()
+    try:
+        _CLEAR_REFS.write_text("5")
+        _status_mb("VmHWM")
+    except (OSError, KeyError):
+        return _MaxRssProbe()
+    return _RssProbe()
+
+
+def _status_mb(key: str) -> float:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(key)
+
+
+def _maxrss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / _MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
+
+
+# --- report helpers ----------------------------------------------------------------------------------------
+
+
+def _gain(baseline: float, model: float, higher_better: bool) -> float:
+    if higher_better:
+        return model / baseline if baseline > 0 else float("inf")
+    return baseline / model if model > 0 else float("inf")
+
+
+def _cell(stat: Stat) -> str:
+    digits = 1 if stat.median >= 10 else 2
+    return f"{stat.median:.{digits}f} [{stat.min:.{digits}f}-{stat.max:.{digits}f}]"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {value: key for key, value in BENCH_DTYPES.items()}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _environment(
+    backend: str, device: str, load_before: list[float] | None, threads: int | None
+) -> dict[str, Any]:
+    """Versions and machine facts that decide whether two reports can be compared."""
+    environment: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "threads_requested": threads,
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+    }
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        environment["onnxruntime"] = onnxruntime.__version__
+    if device == "cuda":
+        environment["gpu"] = torch.cuda.get_device_name()
+        environment["cuda"] = torch.version.cuda
+    return environment

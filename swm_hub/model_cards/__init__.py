@@ -1,0 +1,814 @@
+"""The model card: a README.md for a compressed folder, filled only from the results saved in that folder.
+
+``build_context`` reads what the stages wrote (``swm_plan.json`` always; ``similarity.json`` and
+``similarity.png``, ``eval.json``, ``bench.json`` and ``onnx/`` when those stages ran) and the weights' own
+headers, into one typed ``CardContext``. A section whose results were not measured is ``None`` in the
+context and absent from the card: nothing is estimated or filled in. ``render_context`` renders the
+packaged Jinja template with ``StrictUndefined``, so a value the template needs and the context lacks fails
+instead of rendering blank, and puts the Hub metadata (``ModelCardData``) on top.
+
+The Hub reads ``base_model_relation`` from the metadata, and accepts only ``adapter``, ``merge``,
+``quantized`` and ``finetune`` (huggingface/hub-docs ``docs/hub/model-cards.md``, "Specifying a base
+model"; huggingface_hub 0.36 passes the key through without checking it). A merged-depth model is one base
+model's weights, changed (the ``fit`` rule even refits them on data): that is ``finetune``. ``merge`` would
+file it among merges of several models, and leaving the key out lets the Hub guess, which it does from the
+files (ONNX files have made it guess ``quantized``). The pruning itself is said by the ``pruned`` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from importlib import resources
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+
+from swm_hub.analyze import JSON_NAME as SIMILARITY_JSON
+from swm_hub.analyze import PNG_NAME as SIMILARITY_PNG
+from swm_hub.architectures import spec_for
+from swm_hub.calibration import TextSource
+from swm_hub.consolidate import MERGE_RULES, PAPER_URL
+from swm_hub.errors import ResultFileError, SwmHubError, UnknownModelError
+from swm_hub.options import METHODS, MergeOptions
+from swm_hub.plan import PLAN_FILE, MergePlan
+from swm_hub.pull import SMOLLM2_FILE, SMOLLM2_NAME, SMOLLM2_PACKAGE
+
+__all__ = [
+    "BASE_MODEL_RELATION",
+    "CARD_FILE",
+    "CARD_TAGS",
+    "CITATION",
+    "BaseInfo",
+    "CardContext",
+    "HeatmapInfo",
+    "LatencyTable",
+    "LicenseInfo",
+    "MethodInfo",
+    "ParamCounts",
+    "PerplexityInfo",
+    "PerplexityLine",
+    "WindowRow",
+    "base_license",
+    "build_context",
+    "card_metadata",
+    "default_repo_name",
+    "render_card",
+    "render_context",
+    "render_template",
+    "reproduce_command",
+    "write_card",
+]
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE: str = "README.md"
+TEMPLATE_NAME: str = "model_card.md.j2"
+EVAL_FILE: str = "eval.json"
+BENCH_FILE: str = "bench.json"
+ONNX_FOLDER: str = "onnx"
+CONFIG_FILE: str = "config.json"
+
+BASE_MODEL_RELATION: str = "finetune"
+"""The Hub's relation for one base model's weights, changed; see the module docstring."""
+CARD_TAGS: tuple[str, ...] = ("swm", "pruned", "sliding-window-merging", "layer-merging")
+UNKNOWN_LICENSE: str = "other"
+HUB_URL: str = "https://huggingface.co"
+PACKAGED_PREFIX: str = "swm_hub:"
+"""How ``TextSource.label`` names the texts shipped in the package."""
+
+PAPER_TITLE: str = "Sliding-Window Merging for Compacting Patch-Redundant Layers in LLMs"
+CITATION: str = """\
+@misc{ding2025slidingwindowmerging,
+  title         = {Sliding-Window Merging for Compacting Patch-Redundant Layers in {LLMs}},
+  author        = {Ding, Xuan and Sun, Rui and Zhang, Yunjian and Yan, Xiu and Zhou, Yueqi and Huang, Kaihao
+                   and Fu, Suzhong and Aviles-Rivero, Angelica I. and Xie, Chuanlong and Zhu, Yao},
+  year          = {2025},
+  eprint        = {2502.19159},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2502.19159}
+}"""
+
+# How the latency table names the measures of swm_hub.bench; other keys are shown by their own name.
+LATENCY_LABELS: Mapping[str, str] = {
+    "prefill_ms": "prefill (ms)",
+    "decode_ms_per_token": "decode (ms/token)",
+    "end_to_end_ms": "end to end (ms)",
+    "end_to_end_cpu_ms": "end-to-end CPU time (ms)",
+    "tokens_per_s": "tokens/s",
+    "peak_memory_mb": "peak memory (MB)",
+    "weights_mb": "weights (MB)",
+}
+_LATENCY_SKIP: frozenset[str] = frozenset({"name", "layers", "runs_end_to_end_ms", "metrics"})
+_SAFETENSORS_HEADER_MAX: int = 100 * 2**20
+_REPO_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --- the context -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """The model that was compressed: how to name it, and its Hub id when it has one."""
+
+    label: str
+    hub_id: str | None
+    revision: str | None
+    url: str | None
+
+
+@dataclass(frozen=True)
+class LicenseInfo:
+    """The base model's licence as its own files state it; ``source`` is None when none could be read."""
+
+    license: str
+    name: str | None
+    link: str | None
+    source: str | None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """The method preset, the consolidation rule and the threshold the search settled on."""
+
+    name: str
+    summary: str | None
+    merge: str
+    merge_summary: str | None
+    merge_reference: str | None
+    score: str
+    threshold: float | None
+    target: str
+
+
+@dataclass(frozen=True)
+class WindowRow:
+    """One merged window: original layers ``first..last`` (inclusive) became layer ``new_index``."""
+
+    first: int
+    last: int
+    size: int
+    new_index: int
+    similarity: float | None
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters in the saved weights, and before merging when every decoder layer has the same size."""
+
+    before: int | None
+    after: int
+
+    @property
+    def reduction(self) -> float | None:
+        """Percent of the parameters removed."""
+        return None if self.before is None else 100.0 * (self.before - self.after) / self.before
+
+
+@dataclass(frozen=True)
+class HeatmapInfo:
+    """The heatmap image and, when similarity.json is there, what it measured."""
+
+    image: str
+    metric: str | None
+    tokens: int | None
+    text: str | None
+
+
+@dataclass(frozen=True)
+class PerplexityLine:
+    """One row of the perplexity table; ``vs_base`` is the change against the base model, in percent."""
+
+    name: str
+    layers: int
+    perplexity: float
+    vs_base: float | None
+    dropped: str
+    is_drop_baseline: bool
+
+
+@dataclass(frozen=True)
+class PerplexityInfo:
+    """eval.json: held-out perplexity of the base, this model and the plain layer-dropping baselines."""
+
+    text: str
+    blocks: int
+    seq_len: int
+    rows: list[PerplexityLine]
+    merged: PerplexityLine | None
+    drop_baselines: list[PerplexityLine]
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """One latency measurement: a column per model, a row per measure, as bench.json holds them."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    summary: str | None
+
+
+@dataclass(frozen=True)
+class CardContext:
+    """Everything the template shows; optional sections are None when their results were not measured."""
+
+    model_name: str
+    load_id: str
+    repo_id: str | None
+    base: BaseInfo
+    model_type: str
+    layers_before: int
+    layers_after: int
+    removed: int
+    params: ParamCounts | None
+    method: MethodInfo
+    calibration: str
+    windows: list[WindowRow]
+    heatmap: HeatmapInfo | None
+    perplexity: PerplexityInfo | None
+    latency: list[LatencyTable] | None
+    onnx_folder: str | None
+    reproduce: str
+    reproduce_plan: str
+    license: LicenseInfo
+    tags: list[str]
+    paper_url: str
+    paper_title: str
+    citation: str
+    swm_hub_version: str
+
+    def for_repo(self, repo_id: str) -> CardContext:
+        """The same card naming the Hub repository ``repo_id`` (title and loading code)."""
+        return replace(self, repo_id=repo_id, load_id=repo_id, model_name=repo_id.split("/")[-1])
+
+
+# --- public entry points -----------------------------------------------------------------------------------
+
+
+def render_card(folder: Path, repo_id: str | None = None) -> str:
+    """The README.md text for a compressed folder (``repo_id``: the Hub id the loading code should name).
+
+    Raises:
+        UnknownModelError: the folder has no swm_plan.json.
+        PlanMismatchError: swm_plan.json cannot be parsed.
+        ResultFileError: similarity.json or eval.json exists but cannot be read.
+        jinja2.UndefinedError: the template needs a value the context lacks (a bug, not a user error).
+    """
+    return render_context(build_context(Path(folder), repo_id))
+
+
+def write_card(folder: Path, repo_id: str | None = None) -> Path:
+    """Write README.md into ``folder`` atomically (a temporary file beside it, then ``os.replace``)."""
+    folder = Path(folder)
+    content = render_card(folder, repo_id)
+    target = folder / CARD_FILE
+    temp = folder / f".{CARD_FILE}.tmp-{secrets.token_hex(4)}"
+    try:
+        temp.write_text(content, encoding="utf-8")
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    logger.info("wrote %s", target)
+    return target
+
+
+def render_context(context: CardContext) -> str:
+    """Metadata block plus the rendered template, checked by parsing it back with ``ModelCard``."""
+    values = {item.name: getattr(context, item.name) for item in fields(context)}
+    values["metadata"] = card_metadata(context).to_yaml()
+    content = render_template(values)
+    ModelCard(content, ignore_metadata_errors=False)  # raises if the YAML block does not parse
+    return content
+
+
+def render_template(values: Mapping[str, Any]) -> str:
+    """Render the packaged template; a name it uses that ``values`` lacks raises ``jinja2.UndefinedError``."""
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # Markdown, not HTML; table cells are escaped by the ``cell`` filter
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["cell"] = _cell
+    environment.filters["count"] = _count
+    template_text = resources.files(__name__).joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    return environment.from_string(template_text).render(**values)
+
+
+def card_metadata(context: CardContext) -> ModelCardData:
+    """The YAML metadata the Hub reads: base model and relation, library, task, tags and licence."""
+    extra: dict[str, Any] = {}
+    if context.base.hub_id is not None:
+        extra["base_model"] = context.base.hub_id
+        extra["base_model_relation"] = BASE_MODEL_RELATION
+    return ModelCardData(
+        license=context.license.license,
+        license_name=context.license.name,
+        license_link=context.license.link,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(context.tags),
+        **extra,
+    )
+
+
+def default_repo_name(plan: MergePlan) -> str:
+    """``<base-name>-swm-<N>L``: the base model's last name component and the layers kept."""
+    source = plan.base_model or plan.model
+    name = source.split("@")[0].rstrip("/").split("/")[-1]
+    name = name.removesuffix(".gguf").removesuffix(".GGUF")
+    name = _REPO_NAME_BAD.sub("-", name).strip("-.") or "model"
+    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name))
+    suffix = f"-swm-{plan.layers_after}L"
+    return name[: 96 - len(suffix)].rstrip("-.") + suffix
+
+
+# --- building the context ----------------------------------------------------------------------------------
+
+
+def build_context(folder: Path, repo_id: str | None = None) -> CardContext:
+    """Read every result file in ``folder`` into a ``CardContext`` (see ``render_card`` for errors)."""
+    folder = Path(folder)
+    plan_path = folder / PLAN_FILE
+    if not plan_path.is_file():
+        raise UnknownModelError(
+            str(folder), f"it has no {PLAN_FILE}: give a folder written by `swm-hub compress`"
+        )
+    plan = MergePlan.from_file(plan_path)
+    onnx = folder / ONNX_FOLDER
+    has_onnx = onnx.is_dir() and any(onnx.glob("*.onnx"))
+    context = CardContext(
+        model_name=default_repo_name(plan),
+        load_id=folder.name,
+        repo_id=None,
+        base=_base_info(plan),
+        model_type=plan.model_type,
+        layers_before=plan.num_layers,
+        layers_after=plan.layers_after,
+        removed=plan.removed,
+        params=_param_counts(folder, plan),
+        method=_method_info(plan),
+        calibration=_calibration_text(plan.calibration),
+        windows=_window_rows(plan),
+        heatmap=_heatmap(folder),
+        perplexity=_perplexity(folder / EVAL_FILE, plan),
+        latency=_latency(folder / BENCH_FILE),
+        onnx_folder=ONNX_FOLDER if has_onnx else None,
+        reproduce=reproduce_command(plan, folder.name),
+        reproduce_plan=reproduce_command(plan, folder.name, with_plan=True),
+        license=base_license(plan),
+        tags=[*CARD_TAGS, plan.model_type, *(["onnx"] if has_onnx else [])],
+        paper_url=PAPER_URL,
+        paper_title=PAPER_TITLE,
+        citation=CITATION,
+        swm_hub_version=plan.swm_hub_version,
+    )
+    return context if repo_id is None else context.for_repo(repo_id)
+
+
+def _base_info(plan: MergePlan) -> BaseInfo:
+    hub_id = plan.base_model
+    label = hub_id or _public_name(plan.model)
+    url = f"{HUB_URL}/{hub_id}" if hub_id else None
+    return BaseInfo(label=label, hub_id=hub_id, revision=plan.revision, url=url)
+
+
+def _public_name(model: str) -> str:
+    """A local path is named by its last component: a card is public, the user's folders are not."""
+    if model == SMOLLM2_NAME or not _is_local_path(model):
+        return model
+    return Path(model).name
+
+
+def _is_local_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or "\\" in text or Path(text).expanduser().exists()
+
+
+def _method_info(plan: MergePlan) -> MethodInfo:
+    preset = METHODS.get(plan.method)
+    rule = MERGE_RULES.get(plan.merge)
+    return MethodInfo(
+        name=plan.method,
+        summary=preset.summary if preset is not None else None,
+        merge=plan.merge,
+        merge_summary=rule.summary if rule is not None else None,
+        merge_reference=rule.reference if rule is not None else None,
+        score=plan.score,
+        threshold=plan.threshold,
+        target=_target_text(plan),
+    )
+
+
+def _target_text(plan: MergePlan) -> str:
+    target = plan.target
+    if target.get("target_layers") is not None:
+        return f"keep {target['target_layers']} layers"
+    if target.get("ratio") is not None:
+        return f"remove a fraction {target['ratio']} of the layers"
+    if target.get("threshold") is not None:
+        return f"similarity threshold {target['threshold']}"
+    return "the method's default threshold"
+
+
+def _calibration_text(calibration: Mapping[str, Any]) -> str:
+    label = str(calibration.get("text", "?"))
+    packaged = label.removeprefix(PACKAGED_PREFIX)
+    label = f"`{packaged}` (shipped with swm-hub)" if packaged != label else f"`{_public_name(label)}`"
+    samples, seq_len = calibration.get("samples"), calibration.get("seq_len")
+    tokens = calibration.get("tokens")
+    if samples is None or seq_len is None:
+        return label
+    total = f", {tokens:,} tokens" if isinstance(tokens, int) else ""
+    return f"{samples} blocks of {seq_len} tokens{total} from {label}"
+
+
+def _window_rows(plan: MergePlan) -> list[WindowRow]:
+    """Each window with its index in the new model and the similarity the search accepted it at."""
+    rows = []
+    removed_below = 0
+    for low, high in plan.windows:
+        rows.append(
+            WindowRow(
+                first=low,
+                last=high,
+                size=high - low + 1,
+                new_index=low - removed_below,
+                similarity=_accepted_similarity(plan.trials, low, high),
+            )
+        )
+        removed_below += high - low
+    return rows
+
+
+def _accepted_similarity(trials: Sequence[Mapping[str, Any]], low: int, high: int) -> float | None:
+    """The score of the last passing trial of exactly this window: the one the final sweep committed."""
+    for trial in reversed(trials):
+        if trial.get("low") == low and trial.get("high") == high and trial.get("passed"):
+            value = trial.get("similarity")
+            return float(value) if isinstance(value, int | float) else None
+    return None
+
+
+def reproduce_command(plan: MergePlan, out_name: str, with_plan: bool = False) -> str:
+    """The ``swm-hub compress`` command that searches again, or (``with_plan``) applies this plan."""
+    model = _public_name(plan.model)
+    parts = ["swm-hub", "compress", model]
+    if plan.revision and "@" not in plan.model:
+        parts += ["--revision", plan.revision]
+    if with_plan:
+        parts += ["--plan", PLAN_FILE]
+    else:
+        parts += _target_options(plan.target)
+        parts += ["--method", plan.method]
+        preset = METHODS.get(plan.method)
+        if preset is None or plan.merge != preset.merge:
+            parts += ["--merge", plan.merge]
+        if plan.ridge != MergeOptions.ridge:
+            parts += ["--ridge", f"{plan.ridge:g}"]
+        parts += _calibration_options(plan.calibration)
+    parts += ["--out", out_name]
+    return shlex.join(parts)
+
+
+def _target_options(target: Mapping[str, Any]) -> list[str]:
+    for key, option in (
+        ("target_layers", "--target-layers"),
+        ("ratio", "--ratio"),
+        ("threshold", "--threshold"),
+    ):
+        value = target.get(key)
+        if value is not None:
+            return [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    return []
+
+
+def _calibration_options(calibration: Mapping[str, Any]) -> list[str]:
+    options = []
+    label = calibration.get("text")
+    if label is not None and label != TextSource().label:
+        options += ["--calib", _public_name(str(label))]
+    for key, option in (("samples", "--samples"), ("seq_len", "--seq-len")):
+        if calibration.get(key) is not None:
+            options += [option, str(calibration[key])]
+    return options
+
+
+# --- result files ------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ResultFileError(path, f"not readable JSON ({exc})") from exc
+
+
+def _heatmap(folder: Path) -> HeatmapInfo | None:
+    """The heatmap when the PNG is there; what it measured when similarity.json is there too."""
+    if not (folder / SIMILARITY_PNG).is_file():
+        return None
+    metric: str | None = None
+    tokens: int | None = None
+    text: str | None = None
+    json_path = folder / SIMILARITY_JSON
+    if json_path.is_file():
+        data = _read_json(json_path)
+        if not isinstance(data, dict) or not isinstance(data.get("metric"), str):
+            raise ResultFileError(json_path, "it has no 'metric' field")
+        metric = data["metric"]
+        calibration = data.get("calibration")
+        if isinstance(calibration, dict):
+            tokens = calibration["tokens"] if isinstance(calibration.get("tokens"), int) else None
+            text = _calibration_text(calibration) if "text" in calibration else None
+    return HeatmapInfo(image=SIMILARITY_PNG, metric=metric, tokens=tokens, text=text)
+
+
+def _perplexity(path: Path, plan: MergePlan) -> PerplexityInfo | None:
+    """eval.json as ``EvalReport.to_json`` writes it; the first row is the base when it has all the layers."""
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    try:
+        raw_rows = data["rows"]
+        rows = [
+            (
+                str(row["name"]),
+                int(row["layers"]),
+                float(row["perplexity"]),
+                tuple(int(layer) for layer in row.get("dropped", ())),
+            )
+            for row in raw_rows
+        ]
+        text, blocks, seq_len = str(data["text"]), int(data["blocks"]), int(data["seq_len"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResultFileError(path, f"not an evaluation report ({type(exc).__name__}: {exc})") from exc
+    if not rows:
+        raise ResultFileError(path, "it holds no perplexity rows")
+    base = rows[0][2] if rows[0][1] == plan.num_layers and not rows[0][3] else None
+    lines = [
+        PerplexityLine(
+            name=name,
+            layers=layers,
+            perplexity=value,
+            vs_base=None if base is None or index == 0 else 100.0 * (value / base - 1.0),
+            dropped=", ".join(map(str, dropped)),
+            is_drop_baseline=bool(dropped),
+        )
+        for index, (name, layers, value, dropped) in enumerate(rows)
+    ]
+    merged = next(
+        (line for line in lines if line.layers == plan.layers_after and not line.is_drop_baseline), None
+    )
+    return PerplexityInfo(
+        text=_calibration_text({"text": text}),
+        blocks=blocks,
+        seq_len=seq_len,
+        rows=lines,
+        merged=merged,
+        drop_baselines=[line for line in lines if line.is_drop_baseline],
+    )
+
+
+def _latency(path: Path) -> list[LatencyTable] | None:
+    """bench.json, read tolerantly: one report, a list of them, or ``{"reports": [...]}``.
+
+    Each report has a ``model`` (and optionally a ``baseline``) or a list of ``rows``; each of those has a
+    ``name``, ``layers`` and measures, either at its top level or under ``metrics``. A measure is a number
+    or ``{"median", "min", "max"}``. What does not fit is left out with a warning, never guessed.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is not readable JSON (%s): the card has no latency section", path, exc)
+        return None
+    if isinstance(data, dict) and isinstance(data.get("reports"), list):
+        reports = data["reports"]
+    else:
+        reports = data if isinstance(data, list) else [data]
+    tables = [table for report in reports if (table := _latency_table(report)) is not None]
+    if not tables:
+        logger.warning("%s holds no latency measures the card can read: no latency section", path)
+        return None
+    return tables
+
+
+def _latency_table(report: Any) -> LatencyTable | None:
+    if not isinstance(report, dict):
+        return None
+    if isinstance(report.get("rows"), list):
+        models = [row for row in report["rows"] if isinstance(row, dict)]
+    else:
+        models = [report[key] for key in ("baseline", "model") if isinstance(report.get(key), dict)]
+    columns: list[str] = []
+    cells: dict[str, dict[int, str]] = {}
+    for index, model in enumerate(models):
+        name = _public_name(str(model.get("name", "?")))
+        layers = model.get("layers")
+        columns.append(f"{name} ({layers} layers)" if isinstance(layers, int) else name)
+        measures = model["metrics"] if isinstance(model.get("metrics"), dict) else model
+        for key, value in measures.items():
+            text = _measure(value)
+            if key in _LATENCY_SKIP or text is None:
+                continue
+            cells.setdefault(key, {})[index] = text
+    if not columns or not cells:
+        return None
+    rows = [
+        [LATENCY_LABELS.get(key, key.replace("_", " "))] + [by_model.get(i, "–") for i in range(len(columns))]
+        for key, by_model in cells.items()
+    ]
+    return LatencyTable(title=_latency_title(report), columns=columns, rows=rows, summary=_speedup(report))
+
+
+def _measure(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return _number(float(value))
+    if isinstance(value, dict) and isinstance(value.get("median"), int | float):
+        median = _number(float(value["median"]))
+        low, high = value.get("min"), value.get("max")
+        if isinstance(low, int | float) and isinstance(high, int | float):
+            return f"{median} [{_number(float(low))}–{_number(float(high))}]"
+        return median
+    return None
+
+
+def _number(value: float) -> str:
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _latency_title(report: Mapping[str, Any]) -> str:
+    parts = []
+    backend, device, dtype = report.get("backend"), report.get("device"), report.get("dtype")
+    if backend or device:
+        parts.append(" on ".join(str(part) for part in (backend, device) if part))
+    if dtype:
+        parts.append(f"{dtype}" + (", compiled static cache" if report.get("compiled") else ""))
+    prompt, new = report.get("prompt_tokens"), report.get("new_tokens")
+    if isinstance(prompt, int) and isinstance(new, int):
+        parts.append(f"{prompt}-token prompt, {new} new tokens")
+    if isinstance(report.get("runs"), int):
+        parts.append(f"median [min–max] of {report['runs']} runs")
+    return ", ".join(parts) or "latency"
+
+
+def _speedup(report: Mapping[str, Any]) -> str | None:
+    measured, ideal = report.get("measured_speedup"), report.get("ideal_speedup")
+    if isinstance(measured, int | float) and isinstance(ideal, int | float):
+        return f"measured end-to-end speedup {measured:.2f}x; ideal (layers before / after) {ideal:.2f}x"
+    return None
+
+
+# --- weights and licence -----------------------------------------------------------------------------------
+
+
+def _param_counts(folder: Path, plan: MergePlan) -> ParamCounts | None:
+    """Parameter counts from the safetensors headers of the folder.
+
+    The count before merging is the parameters outside the decoder layers plus ``num_layers`` times one
+    layer; it is given only when every kept layer has the same number of parameters.
+    """
+    shapes = _tensor_shapes(folder)
+    if not shapes:
+        return None
+    after = sum(prod(shape) for shape in shapes.values())
+    try:
+        spec = spec_for(plan.model_type)
+    except SwmHubError:
+        return ParamCounts(before=None, after=after)
+    per_layer = [
+        sum(prod(shape) for name, shape in shapes.items() if name.startswith(f"{spec.layers_path}.{index}."))
+        for index in range(plan.layers_after)
+    ]
+    if not per_layer or len(set(per_layer)) != 1 or per_layer[0] == 0:
+        return ParamCounts(before=None, after=after)
+    return ParamCounts(before=after + plan.removed * per_layer[0], after=after)
+
+
+def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name to shape, from the JSON header of each ``*.safetensors`` file (no weights are read)."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            header = _safetensors_header(file)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    shapes[name] = [int(size) for size in info["shape"]]
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            logger.warning("cannot read the header of %s (%s): no parameter counts in the card", file, exc)
+            return {}
+    return shapes
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: an 8-byte little-endian length, then that many bytes."""
+    with file.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > _SAFETENSORS_HEADER_MAX:
+            raise ValueError(f"header of {length} bytes")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise TypeError("the header is not a JSON object")
+    return header
+
+
+_LicenseFound = tuple[str, str | None, str | None]
+
+
+def base_license(plan: MergePlan) -> LicenseInfo:
+    """The base model's licence from its own files on this machine, or ``other`` with no source."""
+    for source, reader in _license_sources(plan):
+        try:
+            found = reader()
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            logger.debug("no licence from %s: %s", source, exc)
+            continue
+        if found is not None:
+            license_id, name, link = found
+            return LicenseInfo(license=license_id, name=name, link=link, source=source)
+    return LicenseInfo(license=UNKNOWN_LICENSE, name=None, link=None, source=None)
+
+
+def _license_sources(plan: MergePlan) -> list[tuple[str, Callable[[], _LicenseFound | None]]]:
+    """(description, reader) pairs, most direct first; each reader returns the licence or None."""
+    sources: list[tuple[str, Callable[[], _LicenseFound | None]]] = []
+    local = Path(plan.model).expanduser()
+    if plan.model == SMOLLM2_NAME:
+        gguf_file = _smollm2_file()
+        if gguf_file is not None:
+            sources.append(("the metadata of its GGUF file", lambda: _gguf_license(gguf_file)))
+    elif local.is_file() and local.suffix.lower() == ".gguf":
+        sources.append(("the metadata of its GGUF file", lambda: _gguf_license(local)))
+    elif local.is_dir():
+        sources.append(("its model card", lambda: _card_license(local / CARD_FILE)))
+    if plan.base_model is not None:
+        hub_id = plan.base_model
+        sources.append(("its model card on the Hub", lambda: _cached_card_license(hub_id, plan.revision)))
+    return sources
+
+
+def _smollm2_file() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return file if file.is_file() else None
+
+
+def _gguf_license(file: Path) -> _LicenseFound | None:
+    import gguf
+
+    field = gguf.GGUFReader(file).get_field("general.license")
+    value = field.contents() if field is not None else None
+    return (value, None, None) if isinstance(value, str) and value.strip() else None
+
+
+def _card_license(readme: Path) -> _LicenseFound | None:
+    if not readme.is_file():
+        return None
+    data = ModelCard.load(readme, ignore_metadata_errors=True).data
+    license_id = data.get("license")
+    if not isinstance(license_id, str) or not license_id.strip():
+        return None
+    name, link = data.get("license_name"), data.get("license_link")
+    return (
+        license_id,
+        name if isinstance(name, str) else None,
+        link if isinstance(link, str) else None,
+    )
+
+
+def _cached_card_license(hub_id: str, revision: str | None) -> _LicenseFound | None:
+    """The base model's README.md if the Hub cache holds it; never goes online."""
+    cached = try_to_load_from_cache(hub_id, CARD_FILE, revision=revision)
+    return _card_license(Path(cached)) if isinstance(cached, str) else None
+
+
+# --- template filters --------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _count(value: int) -> str:
+    """A parameter count with thousands separators."""
+    return f"{value:,}"

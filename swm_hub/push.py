@@ -1,0 +1,379 @@
+"""The push stage: publish a compressed folder to the Hugging Face Hub in one commit.
+
+The folder is only read, never written: a model card that is missing (or that is exactly the card
+``swm-hub card`` would write, which names the folder rather than the repository) is rendered in memory
+with the repository id and uploaded from there. Hidden files and temporary files (what an interrupted
+``compress`` or ``export`` leaves behind) are not uploaded. The list of files is computed once, so
+``--dry-run`` shows exactly what a push would send, without a token or a network call.
+
+Every failure leaves as a ``PushError`` (or its ``PushPermissionError`` / ``MissingTokenError`` kin) whose
+message says what to do and carries the exact command that retries; the token is never part of a message
+or a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
+
+from swm_hub.errors import (
+    InvalidOptionError,
+    MissingTokenError,
+    PushError,
+    PushPermissionError,
+    SwmHubError,
+    UnknownModelError,
+)
+from swm_hub.model_cards import CARD_FILE, build_context, default_repo_name, render_context
+from swm_hub.plan import PLAN_FILE, MergePlan
+
+__all__ = ["PushResult", "UploadFile", "default_repo_id", "push", "retry_command", "upload_files"]
+
+logger = logging.getLogger(__name__)
+
+TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".incomplete", ".lock", ".part", ".partial", ".swp", "~")
+"""File name endings that mark a file as unfinished; such files are never uploaded."""
+SKIPPED_DIRS: frozenset[str] = frozenset({"__pycache__"})
+USER_PLACEHOLDER: str = "<your-username>"
+_DETAIL_CHARS = 300
+_MB = 2**20
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    """One file of the commit: its path in the repository, its size, and its local source.
+
+    ``source`` is None for a file rendered in memory (the model card).
+    """
+
+    path_in_repo: str
+    size: int
+    source: Path | None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What was (or, for a dry run, would be) uploaded, and where it went."""
+
+    repo_id: str
+    revision: str | None
+    create_pr: bool
+    dry_run: bool
+    files: tuple[UploadFile, ...]
+    repo_url: str | None = None
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    pr_url: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(file.size for file in self.files)
+
+    def lines(self) -> list[str]:
+        """What the CLI prints: one line per file for a dry run, the commit and PR links after a push."""
+        where = self.repo_id + (f" (revision {self.revision})" if self.revision else "")
+        how = " as a pull request" if self.create_pr else ""
+        size = _size(self.total_bytes)
+        if self.dry_run:
+            lines = [f"dry run: would upload {len(self.files)} files ({size}) to {where}{how} in one commit:"]
+            width = max((len(file.path_in_repo) for file in self.files), default=0)
+            for file in self.files:
+                generated = "  (model card, generated)" if file.source is None else ""
+                lines.append(f"  {file.path_in_repo.ljust(width)}  {_size(file.size):>10}{generated}")
+            return lines
+        lines = [f"uploaded {len(self.files)} files ({size}) to {where}{how}"]
+        if self.commit_url:
+            lines.append(f"commit: {self.commit_url}")
+        if self.pr_url:
+            lines.append(f"pull request: {self.pr_url}")
+        return lines
+
+
+def push(
+    folder: Path,
+    repo_id: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Upload every file of a compressed folder (weights, ONNX, card, plan, heatmap) in one commit.
+
+    Args:
+        folder: a folder written by ``swm-hub compress``.
+        repo_id: the target repository; default ``<user>/<base-name>-swm-<N>L`` for the token's user.
+        private: create the repository as private (an existing repository keeps its visibility).
+        revision: the branch to commit to (created from the default branch when missing, unless
+            ``create_pr``); default the default branch.
+        create_pr: open a pull request with the commit instead of committing to the branch.
+        commit_message: the commit title; default one that names the base model and the layer counts.
+        dry_run: list what would be uploaded, with sizes; no token needed and no network call made.
+        token: a Hub token; default the one ``huggingface_hub`` finds (``HF_TOKEN``, then the login file).
+        endpoint: the Hub's URL; it must be HF_ENDPOINT's (default https://huggingface.co), which is how
+            another Hub is chosen (see ``_check_endpoint``).
+
+    Raises:
+        UnknownModelError: ``folder`` is not a folder written by ``swm-hub compress``.
+        InvalidOptionError: ``endpoint`` is not the one HF_ENDPOINT configures.
+        MissingTokenError: no token was given or found.
+        PushPermissionError: the Hub refused the token (401) or its write access (403).
+        PushError: the Hub could not be reached or refused the upload for another reason.
+    """
+    folder = Path(folder)
+    plan = _read_plan(folder)
+    retry = retry_command(folder, repo_id, private, revision, create_pr, commit_message)
+    if dry_run:
+        shown = repo_id or f"{USER_PLACEHOLDER}/{default_repo_name(plan)}"
+        files = _with_card(folder, upload_files(folder), shown)[0]
+        return PushResult(repo_id=shown, revision=revision, create_pr=create_pr, dry_run=True, files=files)
+    _check_endpoint(endpoint)
+    token = token or get_token()
+    if not token:
+        raise MissingTokenError(retry)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        if repo_id is None:
+            repo_id = default_repo_id(folder, token, endpoint)
+            retry = retry_command(folder, repo_id, private, revision, create_pr, commit_message)
+        files, card = _with_card(folder, upload_files(folder), repo_id)
+        message = commit_message or _default_message(plan, repo_id)
+        logger.info("pushing %d files (%s) to %s", len(files), _size(sum(f.size for f in files)), repo_id)
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and not create_pr and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations=list(_operations(files, card)),
+            commit_message=message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, SwmHubError):
+            raise
+        raise _push_error(exc, repo_id, revision, api.endpoint, retry, token) from exc
+    logger.info("pushed %s", info.commit_url)
+    return PushResult(
+        repo_id=repo_id,
+        revision=revision,
+        create_pr=create_pr,
+        dry_run=False,
+        files=files,
+        repo_url=str(repo_url),
+        commit_url=info.commit_url,
+        commit_oid=info.oid,
+        pr_url=info.pr_url,
+    )
+
+
+def default_repo_id(folder: Path, token: str | None = None, endpoint: str | None = None) -> str:
+    """``<user>/<base-name>-swm-<N>L``: the token's user (asked of the Hub) and the plan's base model.
+
+    Raises:
+        UnknownModelError: ``folder`` has no readable plan.
+        huggingface_hub / requests errors: the Hub cannot be asked (``push`` turns them into ``PushError``).
+    """
+    plan = _read_plan(Path(folder))
+    user = HfApi(endpoint=endpoint).whoami(token=token)["name"]
+    return f"{user}/{default_repo_name(plan)}"
+
+
+def retry_command(
+    folder: Path,
+    repo_id: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """The ``swm-hub push`` command that repeats this push (never with a token: that comes from the login)."""
+    parts = ["swm-hub", "push", str(folder)]
+    if repo_id is not None:
+        parts += ["--repo-id", repo_id]
+    if private:
+        parts.append("--private")
+    if revision is not None:
+        parts += ["--revision", revision]
+    if create_pr:
+        parts.append("--create-pr")
+    if commit_message is not None:
+        parts += ["--commit-message", commit_message]
+    return shlex.join(parts)
+
+
+def upload_files(folder: Path) -> list[UploadFile]:
+    """Every regular file under ``folder``, in path order, except hidden and temporary ones.
+
+    Symbolic links to files are followed (their target's content is uploaded); links to folders are not.
+    """
+    files = []
+    for path in _walk(Path(folder)):
+        relative = path.relative_to(folder).as_posix()
+        files.append(UploadFile(path_in_repo=relative, size=path.stat().st_size, source=path))
+    return sorted(files, key=lambda file: file.path_in_repo)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
+        for name in sorted(names):
+            path = Path(root) / name
+            if name.startswith(".") or name.endswith(TEMP_SUFFIXES) or not path.is_file():
+                continue
+            yield path
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    """Refuse an endpoint other than HF_ENDPOINT's, before a commit that would be misreported as failed.
+
+    huggingface_hub 0.36 parses the commit URL the Hub answers against ``constants.ENDPOINT`` (set from
+    HF_ENDPOINT at import), whatever endpoint the call used; on another host it raises after the commit
+    has been made.
+    """
+    configured = constants.ENDPOINT.rstrip("/")
+    if endpoint is not None and endpoint.rstrip("/") != configured:
+        raise InvalidOptionError(
+            f"the endpoint {endpoint} is not the one huggingface_hub is configured for ({configured}): "
+            f"set HF_ENDPOINT={endpoint} instead"
+        )
+
+
+def _read_plan(folder: Path) -> MergePlan:
+    if not (folder / PLAN_FILE).is_file():
+        raise UnknownModelError(
+            str(folder), f"it has no {PLAN_FILE}: push a folder written by `swm-hub compress`"
+        )
+    return MergePlan.from_file(folder / PLAN_FILE)
+
+
+def _with_card(
+    folder: Path, files: list[UploadFile], repo_id: str
+) -> tuple[tuple[UploadFile, ...], bytes | None]:
+    """The files with the model card to upload: the folder's own README.md, or one rendered for ``repo_id``.
+
+    The folder's README.md is replaced (in the upload only) when it is exactly the card ``swm-hub card``
+    renders without a repository id, i.e. generated and not edited since; an edited card is uploaded as is.
+    """
+    existing = folder / CARD_FILE
+    card: bytes | None = None
+    if not existing.is_file():
+        card = render_context(build_context(folder, repo_id)).encode("utf-8")
+    else:
+        try:
+            context = build_context(folder)
+            unedited = existing.read_text(encoding="utf-8") == render_context(context)
+        except (SwmHubError, OSError, ValueError) as exc:
+            logger.warning("uploading %s as it is: the card cannot be rendered again (%s)", existing, exc)
+        else:
+            if unedited:
+                card = render_context(context.for_repo(repo_id)).encode("utf-8")
+    kept = [file for file in files if card is None or file.path_in_repo != CARD_FILE]
+    if card is not None:
+        kept.append(UploadFile(path_in_repo=CARD_FILE, size=len(card), source=None))
+    return tuple(sorted(kept, key=lambda file: file.path_in_repo)), card
+
+
+def _operations(files: tuple[UploadFile, ...], card: bytes | None) -> Iterator[CommitOperationAdd]:
+    for file in files:
+        content: str | bytes = str(file.source) if file.source is not None else (card or b"")
+        yield CommitOperationAdd(path_in_repo=file.path_in_repo, path_or_fileobj=content)
+
+
+def _default_message(plan: MergePlan, repo_id: str) -> str:
+    base = plan.base_model or repo_id.split("/")[-1]
+    return (
+        f"Upload {base} merged by Sliding-Window Merging: {plan.num_layers} -> {plan.layers_after} layers "
+        f"(swm-hub {plan.swm_hub_version})"
+    )
+
+
+# --- failures ----------------------------------------------------------------------------------------------
+
+
+def _push_error(
+    exc: BaseException, repo_id: str | None, revision: str | None, endpoint: str, retry: str, token: str
+) -> PushError:
+    """The typed error for a failed push, decided by exception type and HTTP status, never by message text."""
+    target = repo_id or "the repository"
+    for error in _chain(exc):
+        if isinstance(error, OfflineModeIsEnabled):
+            return PushError(repo_id, "offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE", retry)
+        if isinstance(error, requests.HTTPError) and error.response is not None:
+            return _http_error(error, target, repo_id, revision, retry, token)
+        if isinstance(error, requests.ConnectionError | requests.Timeout):
+            reason = (
+                f"cannot reach the Hub at {endpoint} ({type(error).__name__}): check your connection, proxy "
+                "and HF_ENDPOINT"
+            )
+            return PushError(repo_id, reason, retry)
+    return PushError(repo_id, _scrub(f"{type(exc).__name__}: {exc}", token), retry)
+
+
+def _http_error(
+    error: requests.HTTPError, target: str, repo_id: str | None, revision: str | None, retry: str, token: str
+) -> PushError:
+    status = error.response.status_code if error.response is not None else None
+    detail = _detail(error, token)
+    if status == 401:
+        return PushPermissionError(
+            repo_id,
+            f"the Hub rejected the token (HTTP 401{detail}): log in again with `huggingface-cli login` or set "
+            "HF_TOKEN to a valid token",
+            retry,
+        )
+    if status == 403:
+        return PushPermissionError(
+            repo_id,
+            f"the token may not write to {target} (HTTP 403{detail}): use a token with write access "
+            "(https://huggingface.co/settings/tokens), or push to your own namespace with "
+            f"--repo-id {USER_PLACEHOLDER}/<name>",
+            retry,
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return PushError(repo_id, f"{target} has no revision {revision!r} (HTTP {status}{detail})", retry)
+    if status == 404:
+        return PushError(
+            repo_id, f"the Hub has no repository {target} that this token can see (HTTP 404{detail})", retry
+        )
+    if status is not None and status >= 500:
+        return PushError(repo_id, f"the Hub answered HTTP {status}{detail}: try again later", retry)
+    return PushError(repo_id, f"the Hub refused the upload (HTTP {status}{detail})", retry)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, then its causes and contexts (huggingface_hub wraps upload errors in RuntimeError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _detail(error: requests.HTTPError, token: str) -> str:
+    """The Hub's own one-line explanation, when it sent one."""
+    message = error.server_message if isinstance(error, HfHubHTTPError) else None
+    if not message:
+        return ""
+    line = " ".join(message.split())[:_DETAIL_CHARS]
+    return f": {_scrub(line, token)}"
+
+
+def _scrub(text: str, token: str) -> str:
+    """Remove the token from text that comes from elsewhere (a server message, an exception)."""
+    return text.replace(token, "<token>") if token else text
+
+
+def _size(size: int) -> str:
+    return f"{size / _MB:.1f} MB" if size >= _MB / 10 else f"{size / 1024:.1f} kB"
