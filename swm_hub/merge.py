@@ -88,7 +88,7 @@ def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:
     return removed
 
 
-def _search_context(
+def search_context(
     loaded: LoadedModel, traces: Sequence[BatchTrace], rule: str, ridge: float
 ) -> SearchContext:
     model = loaded.model
@@ -128,7 +128,7 @@ def plan_merge(
 ) -> MergePlan:
     """Search windows on calibration traces and record the decision with every score behind it."""
     rule = options.merge_rule
-    ctx = _search_context(loaded, traces, rule, options.ridge)
+    ctx = search_context(loaded, traces, rule, options.ridge)
     result = _run_search(ctx, options, progress)
     preset = options.preset
     config = loaded.model.config

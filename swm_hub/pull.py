@@ -376,7 +376,7 @@ def _check_model_folder(folder: Path, source: str, where: str) -> None:
     """
     if not (folder / CONFIG_FILE).is_file():
         raise UnknownModelError(source, f"{where} has no {CONFIG_FILE}{_gguf_hint(folder)}")
-    spec_for(_read_config_json(folder / CONFIG_FILE).get("model_type"))
+    spec_for(read_config_json(folder / CONFIG_FILE).get("model_type"))
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UnknownModelError(
             source, f"{where} has no weights transformers can load (one of {', '.join(WEIGHT_FILES)})"
@@ -408,7 +408,7 @@ def _checked_config(source: ModelSource) -> PretrainedConfig:
 def _folder_config(folder: Path) -> PretrainedConfig:
     """Check ``model_type`` on the raw JSON first: transformers rejects types it does not know less clearly."""
     file = folder / CONFIG_FILE
-    raw = _read_config_json(file)
+    raw = read_config_json(file)
     model_type = raw.get("model_type")
     spec_for(model_type if isinstance(model_type, str) else None)
     try:
@@ -418,7 +418,7 @@ def _folder_config(folder: Path) -> PretrainedConfig:
     return config
 
 
-def _read_config_json(file: Path) -> dict[str, Any]:
+def read_config_json(file: Path) -> dict[str, Any]:
     """The parsed config.json, or a CorruptWeightsError naming it."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))

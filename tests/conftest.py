@@ -19,6 +19,8 @@ os.environ.setdefault("SWM_HUB_QUIET", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from swm_hub.options import CalibrationOptions  # noqa: E402
+
 TINY_LAYERS = 6
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. A tiny model reads tiny text, and the merged model must "
@@ -93,6 +95,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return cache[model_type]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def calibration(tmp_path_factory: pytest.TempPathFactory) -> CalibrationOptions:
+    """A small calibration set from a text file, the way a user passes --calib."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(TINY_TEXT * 20, encoding="utf-8")
+    return CalibrationOptions(text=path, samples=4, seq_len=16, batch_size=2)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LAYERS, TINY_TEXT, build_tiny_model
+from conftest import TINY_LAYERS, build_tiny_model
 from torch import nn
 
 from swm_hub.analyze import calibration_batches, trace_calibration
@@ -22,13 +22,6 @@ LOW, HIGH = 1, 3
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory: pytest.TempPathFactory) -> CalibrationOptions:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(TINY_TEXT * 20, encoding="utf-8")
-    return CalibrationOptions(text=path, samples=4, seq_len=16, batch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, TINY_LAYERS, TINY_TEXT
+from conftest import TINY_CONFIGS, TINY_LAYERS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,13 +22,6 @@ from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull
 
 TARGET = 4
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory: pytest.TempPathFactory) -> CalibrationOptions:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(TINY_TEXT * 20, encoding="utf-8")
-    return CalibrationOptions(text=path, samples=4, seq_len=16, batch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LAYERS, TINY_TEXT
+from conftest import TINY_LAYERS
 
 from swm_hub.analyze import calibration_batches, trace_calibration
-from swm_hub.architectures import spec_for_config
 from swm_hub.checkpoint import build_model
 from swm_hub.config_rewrite import kept_layers, rewrite_config
-from swm_hub.consolidate import MERGE_RULES
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
-from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden
-from swm_hub.merge import merged_state_dict
+from swm_hub.layer_trace import BatchTrace, flat_hidden
+from swm_hub.merge import merged_state_dict, search_context
 from swm_hub.options import CalibrationOptions
 from swm_hub.plan import MergePlan
 from swm_hub.pull import LoadedModel, pull
@@ -24,7 +22,6 @@ from swm_hub.search import (
     SearchContext,
     SearchResult,
     WindowSearch,
-    reference_outputs,
     score_positions,
 )
 
@@ -32,13 +29,6 @@ SCORE_NAMES = ["angular", "cosine"]
 NOTHING = 0.999999
 EVERYTHING = 1e-9
 THRESHOLDS = [0.999, 0.99, 0.95, 0.9, 0.5]
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory: pytest.TempPathFactory) -> CalibrationOptions:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(TINY_TEXT * 20, encoding="utf-8")
-    return CalibrationOptions(text=path, samples=4, seq_len=16, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +44,7 @@ def traces(loaded: LoadedModel, calibration: CalibrationOptions) -> list[BatchTr
 def make_context(
     loaded: LoadedModel, traces: list[BatchTrace], rule: str = "fit", ridge: float = 0.3
 ) -> SearchContext:
-    model = loaded.model
-    spec = spec_for_config(model.config)
-    head = LogitHead(model)
-    return SearchContext(
-        layers=list(decoder_layers(model, spec)),
-        spec=spec,
-        traces=traces,
-        head=head,
-        reference=reference_outputs(traces, head),
-        rule=MERGE_RULES[rule],
-        ridge=ridge,
-    )
+    return search_context(loaded, traces, rule, ridge)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ mismatching export never replaces a good one.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -26,7 +25,6 @@ from packaging.version import Version
 from swm_hub.architectures import ARCHITECTURES, ArchitectureSpec
 from swm_hub.checkpoint import output_folder
 from swm_hub.errors import (
-    CorruptWeightsError,
     ExportUnsupportedError,
     InvalidOptionError,
     MissingDependencyError,
@@ -39,7 +37,7 @@ from swm_hub.exporters.validate import (
     torch_dtype_for,
     validate_export,
 )
-from swm_hub.pull import CONFIG_FILE, resolve_source
+from swm_hub.pull import CONFIG_FILE, read_config_json, resolve_source
 
 __all__ = [
     "EXTERNAL_DATA_SUFFIX",
@@ -153,7 +151,7 @@ def export_onnx(
     _check_options(dtype, device)
     folder = _model_folder(model_dir, out)
     target = Path(out) if out is not None else folder / DEFAULT_SUBFOLDER
-    config = _read_config(folder)
+    config = read_config_json(folder / CONFIG_FILE)
     model_type = str(config.get("model_type"))
     spec = check_onnx_support(model_type)
     if atol is None:
@@ -266,17 +264,6 @@ def _model_folder(model_dir: Path | str, out: Path | None) -> Path:
             f"{source.ref} is a Hub model: give --out, since its folder is the read-only Hub cache"
         )
     return source.path
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    file = folder / CONFIG_FILE
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CorruptWeightsError(file, f"config.json is not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CorruptWeightsError(file, "config.json does not hold a JSON object")
-    return data
 
 
 def _run_optimum(folder: Path, output: Path, dtype: str, device: str) -> None:
