@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_LAYERS, TINY_TEXT
 
 from swm_hub.analyze import (
+    DEFAULT_CALIBRATION,
     SimilarityReport,
     analyze_model,
     analyze_traces,
@@ -264,7 +265,7 @@ def test_real_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert matrix.shape == (30, 30)
     assert bool(torch.isfinite(matrix).all())
     assert all(math.isfinite(v) for v in report.io_redundancy + report.angular_to_next)
-    assert report.calibration["tokens"] == 8 * 128
+    assert report.calibration["tokens"] == DEFAULT_CALIBRATION.samples * DEFAULT_CALIBRATION.seq_len
     assert (tmp_path / "similarity.png").is_file()
     assert captured.out == ""
     assert captured.err == ""
