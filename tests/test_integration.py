@@ -16,20 +16,17 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from swm_hub import merge as merge_module
 from swm_hub import pipeline
 from swm_hub.analyze import calibration_batches, trace_calibration
-from swm_hub.architectures import spec_for_config
 from swm_hub.calibration import TextSource
-from swm_hub.checkpoint import build_model
 from swm_hub.cli import app
-from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.evaluate import DROP_RULES, perplexity, windows_for_dropped
 from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import merged_state_dict, plan_merge
+from swm_hub.merge import build_merged_model, plan_merge
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull
@@ -119,13 +116,6 @@ def test_cli_compress_writes_a_model_that_loads_and_generates(tmp_path: Path) ->
     assert text.strip()
 
 
-def build(loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace]) -> PreTrainedModel:
-    """The plan's model in memory, as ``merge.write_merged`` builds it before saving."""
-    spec = spec_for_config(loaded.config)
-    config = rewrite_config(loaded.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
-    return build_model(config, merged_state_dict(loaded, spec, plan, traces))
-
-
 def test_default_merge_beats_dropping_by_block_influence(
     smollm2: LoadedModel, calibrated: Calibrated
 ) -> None:
@@ -144,8 +134,8 @@ def test_default_merge_beats_dropping_by_block_influence(
     )
     assert drop_plan.removed == REMOVED
 
-    merged_ppl = perplexity(build(smollm2, merged_plan, traces), heldout)
-    drop_ppl = perplexity(build(smollm2, drop_plan, traces), heldout)
+    merged_ppl = perplexity(build_merged_model(smollm2, merged_plan, traces), heldout)
+    drop_ppl = perplexity(build_merged_model(smollm2, drop_plan, traces), heldout)
     print(
         f"\nheld-out perplexity, {REMOVED} of {LAYERS} layers removed: "
         f"swm-fit {merged_ppl:.2f} (windows {merged_plan.windows}), "
