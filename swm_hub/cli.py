@@ -23,6 +23,7 @@ from swm_hub.options import HELP, METHODS, CalibrationOptions, MergeOptions
 from swm_hub.pipeline import PushRequest
 from swm_hub.progress import configure, quiet_requested
 from swm_hub.similarity import PAIRWISE_METRICS
+from swm_hub.zeroshot import PAPER_TASKS, zero_shot
 
 MODEL_HELP = (
     "the model: a Hub id (org/name, optionally org/name@revision), a local model folder, a local .gguf file, "
@@ -206,6 +207,8 @@ Examples:
   swm-hub eval smollm2-swm-24L
   swm-hub eval smollm2-swm-24L --baseline drop-bi --json eval.json
   swm-hub eval smollm2-swm-24L --text my-heldout.txt --seq-len 512 --blocks 32
+  swm-hub eval smollm2-swm-24L --zero-shot paper
+  swm-hub eval smollm2-swm-24L --zero-shot my_task --task-dir my-tasks --limit 100
 """
 
 
@@ -235,6 +238,23 @@ def eval_command(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="also write the results as JSON here", show_default=False)
     ] = None,
+    zero_shot_tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--zero-shot",
+            help="also run zero-shot tasks with lm-evaluation-harness (extra [eval]): 'paper' for the paper's "
+            "seven (their data must be in the local datasets cache) or comma-separated task names",
+            show_default=False,
+        ),
+    ] = None,
+    task_dir: Annotated[
+        Path | None,
+        typer.Option("--task-dir", help="a folder of extra lm-eval task YAMLs", show_default=False),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="zero-shot: at most this many examples per task", show_default=False),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Held-out perplexity of a compressed model, its base model, and plain layer dropping at the same count.
@@ -252,6 +272,14 @@ def eval_command(
     if json_file is not None:
         json_file.write_text(report.to_json(), encoding="utf-8")
         _echo(f"wrote {json_file}")
+    if zero_shot_tasks is not None:
+        tasks = (
+            PAPER_TASKS if zero_shot_tasks == "paper" else tuple(t for t in zero_shot_tasks.split(",") if t)
+        )
+        scores = zero_shot(model_dir, tasks, task_dir=task_dir, limit=limit)
+        for line in scores.table_lines():
+            _echo(line)
+        _echo(f"wrote {scores.save(model_dir)}")
 
 
 def _refuse_with_plan(**given: float | str | None) -> None:
