@@ -235,3 +235,14 @@ def verify_folder_loads(folder: Path, expected_layers: int) -> None:
         raise CorruptWeightsError(
             folder, f"it has {built} layers and its config says {declared}, expected {expected_layers}"
         )
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write ``path`` through a temporary file beside it, so a reader sees the old text or the new, never half."""
+    temp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path

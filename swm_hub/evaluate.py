@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.calibration import TextSource, read_text, token_blocks
+from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, flat_hidden
 from swm_hub.merge import build_merged_model, calibration_of
@@ -111,11 +112,7 @@ class EvalReport:
 
     def save(self, folder: Path) -> Path:
         """Write ``eval.json`` into a model folder through a temporary file, so a reader never sees half."""
-        path = folder / EVAL_FILE
-        temp = folder / f".{EVAL_FILE}.tmp"
-        temp.write_text(self.to_json(), encoding="utf-8")
-        temp.replace(path)
-        return path
+        return write_text_atomically(folder / EVAL_FILE, self.to_json())
 
     def table_lines(self) -> list[str]:
         """A plain table, one row per model, with each perplexity relative to the merged model's."""

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError, MissingDependencyError
 
 PAPER_TASKS: tuple[str, ...] = (
@@ -102,11 +103,7 @@ class ZeroShotReport:
 
     def save(self, folder: Path) -> Path:
         """Write ``zeroshot.json`` into a folder through a temporary file, so a reader never sees half."""
-        path = folder / ZEROSHOT_FILE
-        temp = folder / f".{ZEROSHOT_FILE}.tmp"
-        temp.write_text(self.to_json(), encoding="utf-8")
-        temp.replace(path)
-        return path
+        return write_text_atomically(folder / ZEROSHOT_FILE, self.to_json())
 
     def table_lines(self) -> list[str]:
         """A plain table, one row per task, accuracies in percent with their standard errors."""

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import secrets
 import shlex
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +36,7 @@ from swm_hub.analyze import JSON_NAME as SIMILARITY_JSON
 from swm_hub.analyze import PNG_NAME as SIMILARITY_PNG
 from swm_hub.architectures import spec_for
 from swm_hub.calibration import TextSource
+from swm_hub.checkpoint import write_text_atomically
 from swm_hub.consolidate import MERGE_RULES, PAPER_URL
 from swm_hub.errors import ResultFileError, SwmHubError, UnknownModelError
 from swm_hub.options import METHODS, MergeOptions
@@ -272,13 +271,7 @@ def write_card(folder: Path, repo_id: str | None = None) -> Path:
     """Write README.md into ``folder`` atomically (a temporary file beside it, then ``os.replace``)."""
     folder = Path(folder)
     content = render_card(folder, repo_id)
-    target = folder / CARD_FILE
-    temp = folder / f".{CARD_FILE}.tmp-{secrets.token_hex(4)}"
-    try:
-        temp.write_text(content, encoding="utf-8")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+    target = write_text_atomically(folder / CARD_FILE, content)
     logger.info("wrote %s", target)
     return target
 
