@@ -19,7 +19,7 @@ dropping); "select s" is the wall time the selection took (for ablations, the sw
 Run it from the repository root (several minutes on a 2-core CPU; swm-paper is the slowest, since it runs
 the model for every candidate window)::
 
-    python benchmarks/quality.py                  # counts 6 and 9, 48 x 256 held-out tokens
+    python benchmarks/quality.py                  # counts 3, 6, 9 and 12, 48 x 256 held-out tokens
     python benchmarks/quality.py --quick          # count 6 only, 16 x 256 held-out tokens
     python benchmarks/quality.py --counts 6 --methods swm-fit
 
@@ -41,14 +41,11 @@ import torch
 from transformers import PreTrainedModel
 
 from swm_hub.analyze import calibration_batches, calibration_record, trace_calibration
-from swm_hub.architectures import spec_for_config
 from swm_hub.calibration import TextSource
-from swm_hub.checkpoint import build_model
-from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.evaluate import DROP_RULES, perplexity, windows_for_dropped
 from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import merged_state_dict, plan_merge
+from swm_hub.merge import build_merged_model, plan_merge
 from swm_hub.options import METHODS, CalibrationOptions, MergeOptions
 from swm_hub.plan import MergePlan
 from swm_hub.pull import LoadedModel, pull
@@ -86,7 +83,7 @@ class Setup:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", default="6,9", help="comma-separated numbers of layers to remove")
+    parser.add_argument("--counts", default="3,6,9,12", help="comma-separated numbers of layers to remove")
     parser.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks")
     parser.add_argument("--eval-len", type=int, default=256, help="tokens per held-out block")
     parser.add_argument(
@@ -121,10 +118,7 @@ def prepare(eval_blocks: int, eval_len: int) -> Setup:
 
 def build_merged(setup: Setup, plan: MergePlan) -> PreTrainedModel:
     """The plan's model in memory: what ``merge.write_merged`` writes, without the folder."""
-    loaded = setup.loaded
-    spec = spec_for_config(loaded.config)
-    config = rewrite_config(loaded.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
-    return build_model(config, merged_state_dict(loaded, spec, plan, setup.traces))
+    return build_merged_model(setup.loaded, plan, setup.traces)
 
 
 def evaluate(setup: Setup, plan: MergePlan) -> float:
