@@ -16,8 +16,9 @@ held-out text, a different work, in ``--eval-blocks`` blocks of ``--eval-len`` t
 "ratio" is a row's perplexity over the best drop baseline's at the same count (below 1: better than
 dropping); "select s" is the wall time the selection took (for ablations, the swm-fit selection is reused).
 
-Run it from the repository root (several minutes on a 2-core CPU; swm-paper is the slowest, since it runs
-the model for every candidate window)::
+Run it from the repository root (about 15 minutes for swm-fit and the baselines at four counts on a 2-core
+CPU; swm-paper adds roughly 8 minutes of selection per count, since it runs the model for every candidate
+window)::
 
     python benchmarks/quality.py                  # counts 3, 6, 9 and 12, 48 x 256 held-out tokens
     python benchmarks/quality.py --quick          # count 6 only, 16 x 256 held-out tokens
