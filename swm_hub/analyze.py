@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from itertools import pairwise
 from pathlib import Path
@@ -27,6 +28,7 @@ from swm_hub.calibration import TextSource, read_text, token_blocks
 from swm_hub.errors import InvalidOptionError
 from swm_hub.heatmap import save_heatmap
 from swm_hub.layer_trace import BatchTrace, flat_hidden, trace_batch
+from swm_hub.layerwise import activation_cache, trace_layerwise
 from swm_hub.options import CalibrationOptions
 from swm_hub.pull import LoadedModel
 from swm_hub.similarity import (
@@ -86,6 +88,24 @@ def trace_calibration(model: nn.Module, batches: Sequence[torch.Tensor], progres
         trace_batch(model, batch)
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
     ]
+
+
+@contextmanager
+def traced_calibration(
+    loaded: LoadedModel, batches: Sequence[torch.Tensor], progress: bool
+) -> Iterator[list[BatchTrace]]:
+    """The traces of ``batches``, whole-model or layer-wise as the model was loaded.
+
+    Layer-wise traces read their hidden states from a disk cache that lives as long as the block, so use
+    them inside it. No batches means no traces, and no layer is loaded.
+    """
+    if not batches:
+        yield []
+    elif loaded.streamed is None:
+        yield trace_calibration(loaded.model, batches, progress)
+    else:
+        with activation_cache(loaded.streamed.device) as cache:
+            yield trace_layerwise(loaded.model, loaded.streamed, batches, cache, progress)
 
 
 def calibration_record(source: TextSource, options: CalibrationOptions) -> dict[str, Any]:
@@ -327,9 +347,9 @@ def analyze_model(
     _check_request(metric, max_tokens)
     source = TextSource(path=calibration.text)
     batches = calibration_batches(loaded.tokenizer, calibration, source)
-    traces = trace_calibration(loaded.model, batches, progress)
     name = loaded.source.display_name
-    report = analyze_traces(traces, metric, max_tokens, name, calibration_record(source, calibration))
+    with traced_calibration(loaded, batches, progress) as traces:
+        report = analyze_traces(traces, metric, max_tokens, name, calibration_record(source, calibration))
     logger.info("analyzed %s: %d layers, %s", name, report.num_layers, metric)
     if out_dir is not None:
         report.save(out_dir)

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
@@ -26,19 +26,27 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from swm_hub.architectures import spec_for_config
 from swm_hub.config_rewrite import check_kept
 from swm_hub.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
+from swm_hub.layer_trace import decoder_layers
+from swm_hub.shards import CheckpointReader, StreamingShardWriter, TensorSpec
 
 __all__ = [
     "build_model",
+    "build_skeleton",
     "output_folder",
     "refuse_existing_output",
     "save_model_folder",
+    "save_streamed_folder",
     "state_dict_for",
+    "untied_state_keys",
+    "verify_folder_headers",
     "verify_folder_loads",
 ]
 
 logger = logging.getLogger(__name__)
 
 _NO_EXTRA_FILES: Mapping[str, str | bytes] = MappingProxyType({})
+MAX_SHARD_BYTES: int = 2 * 10**9
+"""Shards of 2 GB, as ``save_pretrained``'s ``max_shard_size="2GB"`` makes them."""
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
@@ -152,16 +160,26 @@ def _split_layer_keys(state_dict: Mapping[str, torch.Tensor], prefix: str) -> di
     return by_layer
 
 
-def build_model(config_dict: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
-    """Build the ``*ForCausalLM`` of ``config_dict`` around the given tensors, without allocating weights twice.
+def build_skeleton(config_dict: dict[str, Any], dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The ``*ForCausalLM`` of ``config_dict`` with its parameters on the meta device, tied as a load ties them.
 
-    Parameters start on the meta device and are replaced by the state dict's own tensors (``assign=True``);
-    buffers are created for real because the non-persistent ones (rotary ``inv_freq``, GPT-2's causal mask,
-    Gemma's ``embed_scale``) are in no state dict and must be computed from the config.
+    It costs no memory and names every tensor with its shape and dtype. Buffers are created for real,
+    because the non-persistent ones (rotary ``inv_freq``, GPT-2's causal mask, Gemma's ``embed_scale``) are
+    in no state dict and must be computed from the config.
     """
     config = AutoConfig.for_model(**config_dict)
     with init_empty_weights(include_buffers=False):
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    model.tie_weights()  # type: ignore[no-untyped-call]
+    return model
+
+
+def build_model(config_dict: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+    """Build the ``*ForCausalLM`` of ``config_dict`` around the given tensors, without allocating weights twice.
+
+    The skeleton's parameters are replaced by the state dict's own tensors (``assign=True``).
+    """
+    model = build_skeleton(config_dict)
     result = model.load_state_dict(dict(state_dict), strict=False, assign=True)
     model.tie_weights()  # type: ignore[no-untyped-call]
     _check_loaded(model, result.unexpected_keys)
@@ -201,6 +219,47 @@ def save_model_folder(
     """
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    _save_companions(folder, tokenizer, extra_files)
+
+
+def save_streamed_folder(
+    folder: Path,
+    model: PreTrainedModel,
+    specs: Sequence[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    tokenizer: PreTrainedTokenizerBase | None,
+    extra_files: Mapping[str, str | bytes] = _NO_EXTRA_FILES,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
+    """``save_model_folder`` for a model that is never whole in memory: tensors are written as they come.
+
+    ``model`` supplies the config and generation config (a skeleton is enough: no weights are read from it);
+    ``tensors`` must yield the names of ``specs`` in order, each tensor written to its shard at once.
+    """
+    folder = Path(folder)
+    with StreamingShardWriter(folder, specs, max_shard_bytes) as writer:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+    model.config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    _save_companions(folder, tokenizer, extra_files)
+
+
+def untied_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys without the second name of a tied tensor (``lm_head.weight`` sharing the embeddings).
+
+    A checkpoint holds a tied tensor once and the loader ties it back, as ``save_pretrained`` does.
+    """
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied = every - {name for name, _ in model.named_parameters()}
+    return [key for key in model.state_dict() if key not in tied]
+
+
+def _save_companions(
+    folder: Path, tokenizer: PreTrainedTokenizerBase | None, extra_files: Mapping[str, str | bytes]
+) -> None:
+    """The tokenizer and swm-hub's own records beside the weights."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     for name, content in extra_files.items():
@@ -225,11 +284,43 @@ def verify_folder_loads(folder: Path, expected_layers: int) -> None:
         raise CorruptWeightsError(folder, f"it does not load: {error}") from error
     model, info = loaded
     problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {kind: keys for kind, keys in problems.items() if keys}
+    _refuse_problems(folder, {kind: keys for kind, keys in problems.items() if keys})
+    _check_layer_count(folder, model, expected_layers)
+
+
+def verify_folder_headers(folder: Path, expected_layers: int) -> None:
+    """Check a written folder without loading its weights: every tensor the config implies, of its shape.
+
+    The layer-wise mode's check, since loading the whole model is what that mode avoids: the config is
+    loaded and the model built on the meta device, and its tensor names and shapes are compared with the
+    safetensors headers.
+    """
+    try:
+        model = build_skeleton(AutoConfig.from_pretrained(folder).to_dict())
+    except _LOAD_ERRORS as error:
+        raise CorruptWeightsError(folder, f"its config does not load: {error}") from error
+    expected = {key: tuple(model.state_dict()[key].shape) for key in untied_state_keys(model)}
+    reader = CheckpointReader(folder)
+    found = {name: reader.spec(name).shape for name in reader.names}
+    mismatched = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    problems = {
+        "missing_keys": sorted(expected.keys() - found.keys()),
+        "unexpected_keys": sorted(found.keys() - expected.keys()),
+        "mismatched_keys": mismatched,
+    }
+    _refuse_problems(folder, {kind: keys for kind, keys in problems.items() if keys})
+    _check_layer_count(folder, model, expected_layers)
+
+
+def _refuse_problems(folder: Path, problems: Mapping[str, Any]) -> None:
     if problems:
-        raise CorruptWeightsError(folder, f"weights do not match the config: {problems}")
+        raise CorruptWeightsError(folder, f"weights do not match the config: {dict(problems)}")
+
+
+def _check_layer_count(folder: Path, model: PreTrainedModel, expected_layers: int) -> None:
+    """Both the built layers and the config's count must be what the plan promised."""
     spec = spec_for_config(model.config)
-    built = len(model.get_submodule(spec.layers_path))
+    built = len(decoder_layers(model, spec))
     declared = getattr(model.config, spec.count_key)
     if built != expected_layers or declared != expected_layers:
         raise CorruptWeightsError(

@@ -19,7 +19,7 @@ from swm_hub.calibration import TextSource
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.evaluate import DROP_RULES, evaluate
 from swm_hub.model_cards import write_card
-from swm_hub.options import HELP, METHODS, CalibrationOptions, MergeOptions
+from swm_hub.options import HELP, METHODS, CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.pipeline import PushRequest
 from swm_hub.progress import configure, quiet_requested
 from swm_hub.similarity import PAIRWISE_METRICS
@@ -60,6 +60,9 @@ CalibOpt = Annotated[Path | None, typer.Option("--calib", help=HELP["calib"], sh
 SamplesOpt = Annotated[int, typer.Option("--samples", help=HELP["samples"])]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help=HELP["seq_len"])]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help=HELP["batch_size"])]
+DeviceOpt = Annotated[str, typer.Option("--device", help=HELP["device"])]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help=HELP["dtype"])]
+ExecutionOpt = Annotated[str, typer.Option("--execution", help=HELP["execution"])]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace the output folder if it holds files")
 ]
@@ -79,6 +82,7 @@ Examples:
   swm-hub compress smollm2 --method swm-paper --ratio 0.2 --out smollm2-paper
   swm-hub compress smollm2 --target-layers 24 --merge laco --out smollm2-laco
   swm-hub compress smollm2 --plan smollm2-swm-24L/swm_plan.json --out again
+  swm-hub compress ./llama-13b --ratio 0.25 --execution layerwise --dtype bfloat16 --out llama-13b-swm
 """
 
 
@@ -99,6 +103,9 @@ def analyze(
     seq_len: SeqLenOpt = CalibrationOptions.seq_len,
     batch_size: BatchOpt = CalibrationOptions.batch_size,
     revision: RevisionOpt = None,
+    device: DeviceOpt = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure how alike the decoder layers are: a similarity matrix, per-layer redundancy, and a heatmap.
@@ -108,8 +115,9 @@ def analyze(
     """
     progress = configure(quiet_requested(quiet))
     calibration = CalibrationOptions(text=calib, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
     folder = out or Path(f"{Path(model.split('@')[0]).name.removesuffix('.gguf')}-analysis")
-    report = pipeline.analyze(model, folder, metric, calibration, max_tokens, revision, progress)
+    report = pipeline.analyze(model, folder, metric, calibration, max_tokens, revision, progress, run_on)
     for line in report.summary_lines():
         _echo(line)
     _echo(f"wrote {folder / 'similarity.json'} and {folder / 'similarity.png'}")
@@ -156,6 +164,9 @@ def compress(
         str | None, typer.Option("--repo-id", help="with --push: the Hub repo", show_default=False)
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="with --push: create the repo private")] = False,
+    device: DeviceOpt = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
@@ -178,6 +189,7 @@ def compress(
         calibration=calibration,
     )
     push_to = PushRequest(repo_id=repo_id, private=private) if push_repo else None
+    run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
     result = pipeline.compress(
         model,
         out,
@@ -189,6 +201,7 @@ def compress(
         run_eval=run_eval,
         export_formats=tuple(export_format or ()),
         push_to=push_to,
+        execution=run_on,
     )
     merged = result.plan
     _echo(f"merged windows {merged.windows}: {merged.num_layers} -> {merged.layers_after} layers")

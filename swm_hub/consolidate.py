@@ -13,7 +13,7 @@ projection's output is added to the residual stream as is.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,38 +24,47 @@ from swm_hub.architectures import ArchitectureSpec
 from swm_hub.layer_trace import BatchTrace, hidden_of
 
 ParamDict = dict[str, torch.Tensor]
-Combine = Callable[[Sequence[ParamDict], frozenset[str]], ParamDict]
+Combine = Callable[[ParamDict, Iterator[ParamDict], frozenset[str]], ParamDict]
+"""(lowest layer's parameters, the other layers' in order, mergeable names) -> mergeable tensors.
+
+The other layers come as an iterator and are folded in one at a time, so that a window streamed from disk
+holds the lowest layer, the running combination and one more layer, whatever its length; a rule that needs
+only the lowest layer never consumes the iterator, and the other layers are then never loaded.
+"""
 
 PAPER_URL = "https://arxiv.org/abs/2502.19159"
 LACO_URL = "https://arxiv.org/abs/2402.11187"
 SHORTGPT_URL = "https://arxiv.org/abs/2403.03853"
 
 
-def _combine_each(params: Sequence[ParamDict], mergeable: frozenset[str], fn: Combine) -> ParamDict:
-    """Apply ``fn`` to the mergeable tensors and keep the lowest layer's value for the others."""
-    merged = fn(params, mergeable)
-    return {name: merged.get(name, tensor) for name, tensor in params[0].items()}
+def _keep_lowest(lowest: ParamDict, others: Iterator[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    return dict(lowest)
 
 
-def _keep_lowest(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    return dict(params[0])
+def _laco_sum(lowest: ParamDict, others: Iterator[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    merged = {n: lowest[n].clone() for n in mergeable}
+    for layer in others:
+        for n in mergeable:
+            merged[n] += layer[n] - lowest[n]
+    return merged
 
 
-def _laco_sum(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    base = params[0]
-    return {
-        n: base[n] + sum((p[n] - base[n] for p in params[1:]), torch.zeros_like(base[n])) for n in mergeable
-    }
+def _mean(lowest: ParamDict, others: Iterator[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+    total = {n: lowest[n].clone() for n in mergeable}
+    count = 1
+    for layer in others:
+        count += 1
+        for n in mergeable:
+            total[n] += layer[n]
+    return {n: tensor / count for n, tensor in total.items()}
 
 
-def _mean(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
-    return {n: torch.stack([p[n] for p in params]).mean(dim=0) for n in mergeable}
-
-
-def _running_difference(params: Sequence[ParamDict], mergeable: frozenset[str]) -> ParamDict:
+def _running_difference(
+    lowest: ParamDict, others: Iterator[ParamDict], mergeable: frozenset[str]
+) -> ParamDict:
     """The public SWM code's loop: add (theta_k - current) with weight 1, so the top layer's value wins."""
-    merged = {n: params[0][n].clone() for n in mergeable}
-    for layer in params[1:]:
+    merged = {n: lowest[n].clone() for n in mergeable}
+    for layer in others:
         for n in mergeable:
             merged[n] += layer[n] - merged[n]
     return merged
@@ -118,15 +127,24 @@ def norm_parameter_names(layer: nn.Module) -> frozenset[str]:
     return frozenset(names)
 
 
-def combine_window(layers: Sequence[nn.Module], rule: MergeRule) -> nn.Module:
-    """A new layer module holding the rule's combination of ``layers`` (lowest first); inputs stay unchanged."""
-    params = [{n: p.detach() for n, p in layer.named_parameters()} for layer in layers]
-    mergeable = frozenset(params[0]) - norm_parameter_names(layers[0])
-    merged = _combine_each(params, mergeable, rule.combine)
-    new_layer = copy.deepcopy(layers[0])
+def _parameters_of(layer: nn.Module) -> ParamDict:
+    return {n: p.detach() for n, p in layer.named_parameters()}
+
+
+def combine_window(layers: Iterable[nn.Module], rule: MergeRule) -> nn.Module:
+    """A new layer module holding the rule's combination of ``layers`` (lowest first); inputs stay unchanged.
+
+    Norm weights are never combined: the lowest layer's stay, since its input still comes from below.
+    """
+    remaining = iter(layers)
+    lowest_layer = next(remaining)
+    lowest = _parameters_of(lowest_layer)
+    mergeable = frozenset(lowest) - norm_parameter_names(lowest_layer)
+    merged = rule.combine(lowest, (_parameters_of(layer) for layer in remaining), mergeable)
+    new_layer = copy.deepcopy(lowest_layer)
     with torch.no_grad():
         for name, tensor in new_layer.named_parameters():
-            tensor.copy_(merged[name])
+            tensor.copy_(merged.get(name, lowest[name]))
     return new_layer
 
 
@@ -191,7 +209,8 @@ def refit_output_projection(
             features = captured["m"].reshape(-1, captured["m"].shape[-1]).double()
             if has_bias:
                 features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
-            wanted = (trace.hidden[high + 1] - (y - captured["o"])).reshape(-1, y.shape[-1]).double()
+            target = trace.hidden[high + 1].to(y.device)
+            wanted = (target - (y - captured["o"])).reshape(-1, y.shape[-1]).double()
             gram = features.T @ features if gram is None else gram + features.T @ features
             cross = features.T @ wanted if cross is None else cross + features.T @ wanted
     finally:
@@ -213,8 +232,11 @@ def consolidate(
     rule: MergeRule,
     ridge: float,
 ) -> nn.Module:
-    """One layer standing for the original layers ``low..high`` (inclusive), by ``rule``."""
-    layer = combine_window(layers[low : high + 1], rule)
+    """One layer standing for the original layers ``low..high`` (inclusive), by ``rule``.
+
+    The window's layers are indexed one by one, so streamed layers are loaded only as the rule reads them.
+    """
+    layer = combine_window((layers[index] for index in range(low, high + 1)), rule)
     if rule.refit:
         refit_output_projection(layer, spec, traces, low, high, ridge)
     return layer

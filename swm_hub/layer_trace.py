@@ -54,25 +54,27 @@ class BatchTrace:
         calls: the other arguments of each layer's call (positional after the hidden state, and keywords).
     """
 
-    hidden: list[torch.Tensor]
+    hidden: Sequence[torch.Tensor]
     calls: list[LayerCall]
 
 
 @contextmanager
-def _recording_hooks(layers: nn.ModuleList, trace: BatchTrace) -> Iterator[None]:
+def _recording_hooks(
+    layers: nn.ModuleList, hidden_in: list[torch.Tensor], calls: list[LayerCall]
+) -> Iterator[None]:
     """Record each layer's input and call arguments, and the last layer's output; always remove the hooks."""
 
     def before(index: int) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            trace.hidden[index] = hidden.detach()
-            trace.calls[index] = (tuple(args[1:]), rest_kwargs)
+            hidden_in[index] = hidden.detach()
+            calls[index] = (tuple(args[1:]), rest_kwargs)
 
         return hook
 
     def after(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        trace.hidden[len(layers)] = hidden_of(output).detach()
+        hidden_in[len(layers)] = hidden_of(output).detach()
 
     handles: list[RemovableHandle] = [
         layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(layers)
@@ -85,16 +87,55 @@ def _recording_hooks(layers: nn.ModuleList, trace: BatchTrace) -> Iterator[None]
             handle.remove()
 
 
+@contextmanager
+def _recording(layers: nn.ModuleList) -> Iterator[BatchTrace]:
+    """A trace that hooks on ``layers`` fill while the block runs."""
+    empty: LayerCall = ((), {})
+    hidden: list[torch.Tensor] = [torch.empty(0)] * (len(layers) + 1)
+    calls: list[LayerCall] = [empty] * len(layers)
+    with _recording_hooks(layers, hidden, calls):
+        yield BatchTrace(hidden=hidden, calls=calls)
+
+
 @torch.no_grad()
 def trace_batch(model: nn.Module, input_ids: torch.Tensor) -> BatchTrace:
     """Run the whole model once on a batch and record what enters every layer."""
     spec = spec_for_config(model.config)
     layers = decoder_layers(model, spec)
-    count = len(layers)
-    empty: LayerCall = ((), {})
-    trace = BatchTrace(hidden=[torch.empty(0)] * (count + 1), calls=[empty] * count)
-    with _recording_hooks(layers, trace):
+    with _recording(layers) as trace:
         model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+    return trace
+
+
+@contextmanager
+def _passing_through(layers: nn.ModuleList, output_tuple: bool) -> Iterator[None]:
+    """Make every layer hand its input on unchanged, in the form the model's forward expects back."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if output_tuple else hidden
+
+    for layer in layers:
+        layer.forward = forward  # an instance attribute shadows the class's forward; hooks still run
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@torch.no_grad()
+def record_calls(model: nn.Module, spec: ArchitectureSpec, input_ids: torch.Tensor) -> BatchTrace:
+    """The embeddings and every layer's call arguments for a batch, without running any decoder layer.
+
+    Only ``hidden[0]`` (what enters the first layer) is meaningful in the result: the layers pass their
+    input on. The base model is called rather than the LM, so no logits are computed for nothing.
+    """
+    layers = decoder_layers(model, spec)
+    base = model.base_model
+    assert isinstance(base, nn.Module)
+    with _passing_through(layers, spec.layer_output_tuple), _recording(layers) as trace:
+        base(input_ids=input_ids, use_cache=False)
     return trace
 
 
@@ -134,5 +175,9 @@ def flat_hidden(traces: Sequence[BatchTrace], index: int) -> torch.Tensor:
     hundreds of times larger than the others' in the upper layers, so it would dominate any similarity
     (on SmolLM2 it alone made linear CKA read above 0.98 between layers 11 and 28; without it, 0.48).
     Rows come batch after batch in the same order for every index, so row r is the same token throughout.
+    The rows are gathered on the device of the first batch's embeddings, so that two positions computed on
+    different GPUs (a model spread by a device map) can be compared.
     """
-    return torch.cat([t.hidden[index][:, 1:].reshape(-1, t.hidden[index].shape[-1]) for t in traces])
+    device = traces[0].hidden[0].device
+    parts = [t.hidden[index] for t in traces]
+    return torch.cat([part[:, 1:].reshape(-1, part.shape[-1]).to(device) for part in parts])

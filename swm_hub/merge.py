@@ -8,7 +8,7 @@ The merged model is never assembled by slicing the live model's ``ModuleList`` (
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,26 +22,32 @@ from swm_hub.analyze import (
     analyze_traces,
     calibration_batches,
     calibration_record,
-    trace_calibration,
+    traced_calibration,
 )
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
 from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import (
     build_model,
+    build_skeleton,
     output_folder,
     refuse_existing_output,
     save_model_folder,
+    save_streamed_folder,
     state_dict_for,
+    untied_state_keys,
+    verify_folder_headers,
     verify_folder_loads,
 )
 from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.consolidate import MERGE_RULES, consolidate
 from swm_hub.errors import ImpossibleTargetError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
+from swm_hub.layerwise import StreamedLayers
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel
 from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
+from swm_hub.shards import TensorSpec
 
 if TYPE_CHECKING:
     from swm_hub.evaluate import EvalReport
@@ -95,7 +101,7 @@ def search_context(
     spec = spec_for_config(model.config)
     head = LogitHead(model)
     return SearchContext(
-        layers=list(decoder_layers(model, spec)),
+        layers=loaded.layers,
         spec=spec,
         traces=traces,
         head=head,
@@ -189,20 +195,95 @@ def write_merged(
     overwrite: bool,
     report: SimilarityReport | None = None,
 ) -> MergeResult:
-    """Write the merged model, its tokenizer, generation config and plan to ``out``, checked by a reload."""
-    model = loaded.model
-    merged = build_merged_model(loaded, plan, traces)
+    """Write the merged model, its tokenizer, generation config and plan to ``out``, checked before the move.
+
+    A model in memory is saved whole and reloaded as a check; a streamed one is written layer by layer and
+    checked against its config from the safetensors headers, so that neither step holds the whole model.
+    """
+    extra_files = {PLAN_FILE: plan.to_json()}
     with output_folder(out, overwrite) as temp:
-        save_model_folder(merged, loaded.tokenizer, temp, extra_files={PLAN_FILE: plan.to_json()})
+        if loaded.streamed is None:
+            params_after = _save_whole(loaded, plan, traces, temp, extra_files)
+        else:
+            params_after = _save_streamed(loaded, loaded.streamed, plan, traces, temp, extra_files)
         if report is not None:
             report.save(temp)
-        verify_folder_loads(temp, plan.layers_after)
     return MergeResult(
         output_dir=out,
         plan=plan,
-        params_before=sum(p.numel() for p in model.parameters()),
-        params_after=sum(p.numel() for p in merged.parameters()),
+        params_before=sum(p.numel() for p in loaded.model.parameters()),
+        params_after=params_after,
     )
+
+
+def _save_whole(
+    loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], folder: Path, extra: dict[str, str]
+) -> int:
+    merged = build_merged_model(loaded, plan, traces)
+    save_model_folder(merged, loaded.tokenizer, folder, extra_files=extra)
+    verify_folder_loads(folder, plan.layers_after)
+    return sum(p.numel() for p in merged.parameters())
+
+
+def _save_streamed(
+    loaded: LoadedModel,
+    layers: StreamedLayers,
+    plan: MergePlan,
+    traces: Sequence[BatchTrace],
+    folder: Path,
+    extra: dict[str, str],
+) -> int:
+    """Write the merged model tensor by tensor, building each kept or consolidated layer only when its turn comes.
+
+    The merged model exists only as a skeleton on the meta device, built from the rewritten config: it
+    names the tensors in the order a checkpoint lists them and gives their shapes.
+    """
+    config = rewrite_config(loaded.model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
+    config["dtype"] = str(layers.dtype).removeprefix("torch.")
+    skeleton = build_skeleton(config, layers.dtype)
+    skeleton.generation_config = loaded.model.generation_config
+    state = skeleton.state_dict()
+    names = untied_state_keys(skeleton)
+    specs = [TensorSpec(name, tuple(state[name].shape), state[name].dtype) for name in names]
+    tensors = _merged_tensors(loaded, layers, plan, traces, names)
+    save_streamed_folder(folder, skeleton, specs, tensors, loaded.tokenizer, extra_files=extra)
+    verify_folder_headers(folder, plan.layers_after)
+    return sum(p.numel() for p in skeleton.parameters())
+
+
+def _merged_tensors(
+    loaded: LoadedModel,
+    layers: StreamedLayers,
+    plan: MergePlan,
+    traces: Sequence[BatchTrace],
+    names: Sequence[str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged model's tensors under ``names``, one layer in memory at a time (plus the skeleton's own)."""
+    spec = spec_for_config(loaded.model.config)
+    outer = loaded.model.state_dict()
+    kept = kept_layers(plan.num_layers, plan.windows)
+    window_top = dict(plan.windows)
+    rule = MERGE_RULES[plan.merge]
+    prefix = f"{spec.layers_path}."
+    position = -1
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        if not name.startswith(prefix):
+            yield name, outer[name]
+            continue
+        number, _, rest = name[len(prefix) :].partition(".")
+        if int(number) != position:
+            position = int(number)
+            low = kept[position]
+            tensors = {}  # drop the previous layer before building the next
+            layer = (
+                consolidate(layers, spec, traces, low, window_top[low], rule, plan.ridge)
+                if low in window_top
+                else layers[low]
+            )
+            tensors = layer.state_dict()
+            del layer
+        yield name, tensors[rest]
 
 
 def calibration_of(plan: MergePlan | None, options: MergeOptions) -> CalibrationOptions:
@@ -232,22 +313,22 @@ def merge(
     A saved plan skips the search; its ``fit`` rule still runs one calibration pass, because the refit is
     computed from calibration activations (the other rules need none).
     """
-    num_layers = len(decoder_layers(loaded.model, spec_for_config(loaded.model.config)))
+    num_layers = len(loaded.layers)
     if plan is not None:
         plan.check_fits(loaded.model.config.model_type, num_layers)
         kept_layers(num_layers, plan.windows)
     else:
         layers_to_remove(options, num_layers)
     refuse_existing_output(out, overwrite)
-    traces: list[BatchTrace] = []
+    batches: list[torch.Tensor] = []
     if plan is None or MERGE_RULES[plan.merge].refit:
         batches = calibration_batches(loaded.tokenizer, calibration_of(plan, options))
-        traces = trace_calibration(loaded.model, batches, progress)
-    if plan is None:
-        plan = plan_merge(loaded, traces, options, progress)
-    logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
-    report = _similarity_report(loaded, traces, plan) if traces else None
-    return write_merged(loaded, plan, traces, out, overwrite, report)
+    with traced_calibration(loaded, batches, progress) as traces:
+        if plan is None:
+            plan = plan_merge(loaded, traces, options, progress)
+        logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
+        report = _similarity_report(loaded, traces, plan) if traces else None
+        return write_merged(loaded, plan, traces, out, overwrite, report)
 
 
 def _similarity_report(

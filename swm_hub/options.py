@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.errors import InvalidOptionError
 
@@ -25,7 +27,21 @@ HELP: dict[str, str] = {
     "method": "window selection and consolidation: swm-fit (default, measured best) or swm-paper (the paper's rule)",
     "merge": "consolidation rule, overriding the method's: fit, laco, swm-code, mean or drop",
     "ridge": "regularisation of the fit rule's least-squares refit, relative to the feature energy",
+    "device": "where the model runs: cpu, cuda (all visible GPUs through accelerate's device map) or auto "
+    "(cuda when a GPU is visible)",
+    "dtype": "precision the model is loaded, run and saved in: float32, bfloat16 or float16",
+    "execution": "whole (the model in memory), layerwise (one decoder layer at a time from the safetensors "
+    "shards; for models larger than memory) or auto (layerwise when the weights would take more than half "
+    "of the free memory)",
 }
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+EXECUTION_MODES: tuple[str, ...] = ("auto", "whole", "layerwise")
 
 
 @dataclass(frozen=True)
@@ -115,3 +131,25 @@ class MergeOptions:
     @property
     def merge_rule(self) -> str:
         return self.merge or self.preset.merge
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """Where and how the model runs: the device, the precision, and whole-model or layer-wise execution."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        for flag, value, allowed in (
+            ("--device", self.device, DEVICES),
+            ("--dtype", self.dtype, tuple(DTYPES)),
+            ("--execution", self.mode, EXECUTION_MODES),
+        ):
+            if value not in allowed:
+                raise InvalidOptionError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -8,17 +8,31 @@ from pathlib import Path
 
 from swm_hub.analyze import SimilarityReport, analyze_model
 from swm_hub.calibration import TextSource
+from swm_hub.devices import resolve_device
+from swm_hub.errors import InvalidOptionError
 from swm_hub.evaluate import evaluate
 from swm_hub.exporters import export
 from swm_hub.merge import MergeResult, merge
 from swm_hub.model_cards import write_card
-from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.plan import MergePlan
-from swm_hub.pull import pull
+from swm_hub.pull import LoadedModel, pull
 from swm_hub.push import PushResult, push
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_CALIBRATION = CalibrationOptions()
+DEFAULT_EXECUTION = ExecutionOptions()
+
+
+def pull_for(model: str, revision: str | None, execution: ExecutionOptions) -> LoadedModel:
+    """Pull ``model`` on the device, in the precision and in the execution mode asked for."""
+    return pull(
+        model,
+        revision=revision,
+        dtype=execution.torch_dtype,
+        device=resolve_device(execution.device),
+        execution=execution.mode,
+    )
 
 
 def analyze(
@@ -29,9 +43,10 @@ def analyze(
     max_tokens: int = 1024,
     revision: str | None = None,
     progress: bool = False,
+    execution: ExecutionOptions = DEFAULT_EXECUTION,
 ) -> SimilarityReport:
     """Pull ``model`` and measure how alike its layers are; with ``out_dir``, save JSON and heatmap there."""
-    loaded = pull(model, revision=revision)
+    loaded = pull_for(model, revision, execution)
     return analyze_model(loaded, metric, calibration, max_tokens, out_dir, progress)
 
 
@@ -46,6 +61,7 @@ def compress(
     run_eval: bool = False,
     export_formats: Sequence[str] = (),
     push_to: PushRequest | None = None,
+    execution: ExecutionOptions = DEFAULT_EXECUTION,
 ) -> MergeResult:
     """Pull, merge, then (as asked) evaluate, export, write the model card, and push.
 
@@ -53,9 +69,18 @@ def compress(
     measured and saved as ``eval.json`` beside the model. Each format in ``export_formats`` goes to a
     subfolder (``onnx/``). The card (``README.md``) is written last from whatever was measured, so it
     describes exactly what the folder holds, and ``push_to`` uploads the folder in one commit.
+
+    Raises:
+        InvalidOptionError: ``run_eval`` with layer-wise execution (the evaluation runs whole models).
     """
     plan = MergePlan.from_file(plan_file) if plan_file is not None else None
-    loaded = pull(model, revision=revision)
+    loaded = pull_for(model, revision, execution)
+    if run_eval and loaded.streamed is not None:
+        raise InvalidOptionError(
+            "--eval runs the base model, the merged model and the drop baselines whole, which layer-wise "
+            "execution is meant to avoid: leave out --eval and run `swm-hub eval OUT` where the models fit "
+            "in memory, or use --execution whole"
+        )
     result = merge(loaded, out, options, plan=plan, overwrite=overwrite, progress=progress)
     if run_eval:
         report = evaluate(out, TextSource(packaged="heldout"), progress=progress, base=loaded)

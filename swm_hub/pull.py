@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, re-exported without __all__
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -45,12 +47,16 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from swm_hub.architectures import spec_for, spec_for_config, supported_model_types
+from swm_hub.devices import choose_execution, execution_device, whole_model_device_map
 from swm_hub.errors import (
     CorruptWeightsError,
     InvalidOptionError,
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from swm_hub.layer_trace import decoder_layers
+from swm_hub.layerwise import StreamedLayers, load_skeleton
+from swm_hub.shards import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +166,23 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with frozen weights, its tokenizer, and where both came from."""
+    """A model in eval mode with frozen weights, its tokenizer, and where both came from.
+
+    In layer-wise execution ``model`` is a skeleton whose decoder layers are on the meta device, and
+    ``streamed`` builds each layer from the safetensors shards when it is indexed.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: ModelSource
+    streamed: StreamedLayers | None = None
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        """The decoder layers, in memory or streamed; stages index these rather than the model."""
+        if self.streamed is not None:
+            return self.streamed
+        return list(decoder_layers(self.model, spec_for_config(self.model.config)))
 
     @property
     def config(self) -> PretrainedConfig:
@@ -179,9 +197,11 @@ def pull(
     token: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    execution: str = "whole",
 ) -> LoadedModel:
     """Resolve a model name and load it: the whole pull stage in one call."""
-    return load_model(resolve_source(source, revision=revision, token=token), dtype=dtype, device=device)
+    resolved = resolve_source(source, revision=revision, token=token)
+    return load_model(resolved, dtype=dtype, device=device, execution=execution)
 
 
 def resolve_source(source: str, revision: str | None = None, token: str | None = None) -> ModelSource:
@@ -210,26 +230,46 @@ def resolve_source(source: str, revision: str | None = None, token: str | None =
     return _hub_source(text, revision, token)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load_model(
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu", execution: str = "whole"
+) -> LoadedModel:
     """Load the tokenizer and causal LM of a resolved source, frozen and in eval mode.
 
     The architecture is checked from the config alone, and safetensors headers are checked before any
     weights are read, so that the two commonest failures cost milliseconds rather than a full load.
 
+    Args:
+        source: what ``resolve_source`` found.
+        dtype: the precision to load in.
+        device: ``cpu`` or ``cuda`` (resolved, see ``devices.resolve_device``).
+        execution: ``whole``, ``layerwise`` (only the parts outside the decoder layers are loaded) or
+            ``auto`` (see ``devices.choose_execution``).
+
     Raises:
         UnsupportedArchitectureError: the registry has no entry for the model's type.
         CorruptWeightsError: config.json, a weight file, a GGUF file or the tokenizer cannot be parsed.
+        InvalidOptionError: layer-wise execution of a model that has no safetensors shards.
     """
     config = _checked_config(source)
     _check_safetensors_headers(source)
     tokenizer = _load_tokenizer(source, config)
-    model = _load_weights(source, config, dtype, device)
+    mode = choose_execution(execution, _streamable_bytes(source, dtype), device)
+    streamed = None
+    if mode == "layerwise":
+        _check_streamable(source)
+        model, streamed = load_skeleton(source.path, config, dtype, execution_device(device))
+    else:
+        model = _load_weights(source, config, dtype, device)
     model.train(False)  # = eval(), which has no annotations and so fails mypy --strict
     model.requires_grad_(False)
     logger.info(
-        "loaded %s: %s with %d parameters", source.display_name, type(model).__name__, model.num_parameters()
+        "loaded %s (%s): %s with %d parameters",
+        source.display_name,
+        mode,
+        type(model).__name__,
+        model.num_parameters(),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, streamed=streamed)
 
 
 # --- resolving -------------------------------------------------------------------------------------------
@@ -493,13 +533,35 @@ def _load_tokenizer(source: ModelSource, config: PretrainedConfig) -> PreTrained
     return tokenizer
 
 
+def _streamable_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
+    """The size of the weights at ``dtype``, from the safetensors headers; None when there are no shards."""
+    if source.gguf_file is not None or not any(source.path.glob(SAFETENSORS_GLOB)):
+        return None
+    reader = CheckpointReader(source.path)
+    element = torch.empty(0, dtype=dtype).element_size()
+    return sum(math.prod(reader.spec(name).shape) * element for name in reader.names)
+
+
+def _check_streamable(source: ModelSource) -> None:
+    """Layer-wise execution reads tensors by name from safetensors shards; refuse what has none."""
+    if source.gguf_file is not None or not any(source.path.glob(SAFETENSORS_GLOB)):
+        raise InvalidOptionError(
+            f"--execution layerwise reads safetensors shards, and {_files_of(source)} has none: use "
+            "--execution whole, or save the model with save_pretrained(safe_serialization=True) first"
+        )
+
+
 def _load_weights(
     source: ModelSource, config: PretrainedConfig, dtype: torch.dtype, device: str
 ) -> PreTrainedModel:
     """The causal LM, placed on ``device`` while loading (no second copy); GGUF is de-quantized to ``dtype``."""
     try:
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            source.path, config=config, gguf_file=source.gguf_file, dtype=dtype, device_map=device
+            source.path,
+            config=config,
+            gguf_file=source.gguf_file,
+            dtype=dtype,
+            device_map=whole_model_device_map(device),
         )
     except (SafetensorError, OSError) as exc:
         detail = exc.__cause__ or exc

@@ -21,6 +21,7 @@ it with the score of the model compressed so far, so a window is judged by what 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,11 +32,18 @@ from tqdm.auto import tqdm, trange
 from swm_hub.architectures import ArchitectureSpec
 from swm_hub.consolidate import MergeRule, consolidate
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
-from swm_hub.layer_trace import BatchTrace, LayerCall, LogitHead, flat_hidden, run_layers
+from swm_hub.layer_trace import BatchTrace, LogitHead, flat_hidden, run_layers
 
 Window = tuple[int, int]
-Above = Sequence[tuple[nn.Module, int]]
+LayerRef = nn.Module | int
+"""A consolidated layer, or the index of an original layer (read from ``SearchContext.layers`` when run, so
+that streamed layers are loaded one at a time and never all held)."""
+Above = Sequence[tuple[LayerRef, int]]
 """The layers standing above a candidate, each with the original position whose call arguments it takes."""
+
+FLAT_CACHE_SIZE = 3
+"""Flattened layer positions kept between scores: a sweep compares one window output with inputs further and
+further down, so the output and the latest input are what is reused; more would hold every position."""
 
 
 @dataclass
@@ -110,31 +118,40 @@ class WindowSearch:
         self.bisection_steps = bisection_steps
         self.evaluations = 0
         self._memo: dict[tuple[tuple[Window, ...], int, int], float] = {}
-        self._flat: dict[int, torch.Tensor] = {}
+        self._flat: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def flat_hidden(self, index: int) -> torch.Tensor:
-        """What entered layer ``index`` (see ``layer_trace.flat_hidden``), kept for the next sweep."""
-        if index not in self._flat:
+        """What entered layer ``index`` (see ``layer_trace.flat_hidden``), kept while it is recently used."""
+        if index in self._flat:
+            self._flat.move_to_end(index)
+        else:
             self._flat[index] = flat_hidden(self.ctx.traces, index)
+            if len(self._flat) > FLAT_CACHE_SIZE:
+                self._flat.popitem(last=False)
         return self._flat[index]
 
     def candidate_finals(self, low: int, high: int, above: Above) -> list[torch.Tensor]:
-        """Final hidden states (at scored positions) of the model with ``low..high`` consolidated."""
+        """Final hidden states (at scored positions) of the model with ``low..high`` consolidated.
+
+        Layer by layer over all scored batches, so that each streamed layer is loaded once per candidate.
+        """
         ctx = self.ctx
-        layer = (
-            ctx.layers[low]
+        lowest: LayerRef = (
+            low
             if low == high
             else consolidate(ctx.layers, ctx.spec, ctx.traces, low, high, ctx.rule, ctx.ridge)
         )
-        modules = [layer, *(m for m, _ in above)]
-        outputs = []
-        for trace in ctx.reference.traces:
-            calls: list[LayerCall] = [trace.calls[low], *(trace.calls[i] for _m, i in above)]
-            outputs.append(run_layers(modules, trace.hidden[low], calls)[:, ctx.reference.positions])
-        return outputs
+        traces = ctx.reference.traces
+        hidden = [trace.hidden[low] for trace in traces]
+        for ref, position in [(lowest, low), *above]:
+            layer = ctx.layers[ref] if isinstance(ref, int) else ref
+            hidden = [
+                run_layers([layer], h, [t.calls[position]]) for h, t in zip(hidden, traces, strict=True)
+            ]
+        return [h[:, ctx.reference.positions] for h in hidden]
 
     def similarity(self, committed: tuple[Window, ...], low: int, high: int, above: Above) -> float:
-        key = (committed, low, high)
+        key = (() if not self.runs_model else committed, low, high)
         if key not in self._memo:
             self.evaluations += 1
             self._memo[key] = self.score(self, low, high, above)
@@ -174,7 +191,7 @@ class WindowSearch:
         """Select windows top-down at ``threshold``; with ``cap``, stop growing once ``cap`` layers go."""
         ctx = self.ctx
         count = len(ctx.layers)
-        above: list[tuple[nn.Module, int]] = [(ctx.layers[count - 1], count - 1)]
+        above: list[tuple[LayerRef, int]] = [(count - 1, count - 1)]
         committed: tuple[Window, ...] = ()
         result = SearchResult(windows=[], threshold=threshold)
         high = count - 2
@@ -182,7 +199,7 @@ class WindowSearch:
             while high >= 1:
                 room = count if cap is None else cap - result.removed
                 low = self._grow(committed, high, above, threshold, room, result)
-                layer = ctx.layers[high]
+                layer: LayerRef = high
                 if low < high:
                     if self.runs_model:
                         layer = consolidate(ctx.layers, ctx.spec, ctx.traces, low, high, ctx.rule, ctx.ridge)

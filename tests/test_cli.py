@@ -343,6 +343,21 @@ BAD_INPUTS: list[tuple[str, BadArgs, str, bool]] = [
         False,
     ),
     (
+        "unknown-dtype",
+        lambda i: ["analyze", str(i.tiny), "--dtype", "float8", "--quiet"],
+        "--dtype must be one of float32, bfloat16, float16, got 'float8'",
+        False,
+    ),
+    (
+        "eval-with-layerwise-execution",
+        lambda i: [
+            *["compress", str(i.tiny), "--target-layers", "4", "--execution", "layerwise", "--eval"],
+            *["--out", str(i.tmp / "o"), "--quiet"],
+        ],
+        "--eval runs the base model, the merged model and the drop baselines whole",
+        False,
+    ),
+    (
         "missing-calibration-file",
         lambda i: ["analyze", str(i.tiny), "--calib", str(i.tmp / "missing.txt"), "--quiet"],
         "cannot read text file",
@@ -468,6 +483,29 @@ def test_compress_with_saved_plan_reproduces(
     assert first.keys() == second.keys()
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor, msg=name)
+
+
+def test_compress_layerwise_writes_what_whole_execution_wrote(
+    compressed: Compressed, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    again = tmp_path / "layerwise"
+    args = ["compress", str(tiny_llama_dir), "--plan", str(compressed.out / "swm_plan.json")]
+    result = CliRunner().invoke(
+        cli.app, [*args, "--execution", "layerwise", "--device", "cpu", "--out", str(again), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    first, second = load_file(compressed.out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_cuda_without_a_gpu_is_one_line(
+    inputs: Inputs, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outcome = run_main(monkeypatch, capsys, "analyze", str(inputs.tiny), "--device", "cuda", "--quiet")
+    assert_one_line_error(outcome, "device 'cuda' is not available", hinted=False)
 
 
 def test_analyze_writes_json_and_heatmap(tiny_llama_dir: Path, calib_file: Path, tmp_path: Path) -> None:

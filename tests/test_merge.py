@@ -13,6 +13,7 @@ from conftest import TINY_CONFIGS, TINY_LAYERS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from swm_hub import analyze as analyze_module
 from swm_hub import merge as merge_module
 from swm_hub.architectures import spec_for
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError, OutputExistsError, PlanMismatchError
@@ -62,7 +63,7 @@ def forbid_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("calibration ran")
 
-    monkeypatch.setattr(merge_module, "trace_calibration", refuse)
+    monkeypatch.setattr(analyze_module, "trace_calibration", refuse)
     monkeypatch.setattr(merge_module, "calibration_batches", refuse)
 
 

@@ -1,0 +1,68 @@
+"""Which device the model runs on, and whether it runs whole or one layer at a time.
+
+The choices are made once, from what the machine has, so that every stage sees the same answer and a
+request the machine cannot serve fails before any weights are read.
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from swm_hub.errors import DeviceUnavailableError
+
+AUTO_MEMORY_SHARE: float = 0.5
+"""``--execution auto`` streams layers when the weights alone would take more than this share of free memory:
+calibration activations, the merged copy of a layer and the refit's normal equations need room beside them."""
+
+
+def resolve_device(requested: str) -> str:
+    """``cpu`` or ``cuda``; ``auto`` picks cuda when torch sees a GPU.
+
+    Raises:
+        DeviceUnavailableError: ``cuda`` was asked for and torch sees no GPU.
+    """
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            "cuda", "torch sees no GPU (a CPU build of torch, or no visible device): use --device cpu"
+        )
+    return requested
+
+
+def whole_model_device_map(device: str) -> str:
+    """The ``device_map`` a whole-model load gets.
+
+    On CUDA, accelerate's ``auto`` spreads the layers over every visible GPU, and offloads to the CPU what
+    fits on none, so a model larger than one GPU still loads; on the CPU everything stays in RAM.
+    """
+    return "auto" if device == "cuda" else device
+
+
+def execution_device(device: str) -> torch.device:
+    """The one device a layer-wise run places each layer and its activations on."""
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory free for the model now: RAM on the CPU, the sum over visible GPUs on CUDA."""
+    if device == "cuda":
+        return sum(torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count()))
+    return int(psutil.virtual_memory().available)
+
+
+def choose_execution(mode: str, weight_bytes: int | None, device: str) -> str:
+    """``whole`` or ``layerwise``; ``auto`` streams only when the weights would crowd the memory.
+
+    Args:
+        mode: ``auto``, ``whole`` or ``layerwise``.
+        weight_bytes: the size of the weights at the run's precision, or None when they cannot be streamed
+            (a GGUF file), in which case ``auto`` loads the model whole.
+        device: ``cpu`` or ``cuda`` (already resolved).
+    """
+    if mode != "auto":
+        return mode
+    if weight_bytes is None:
+        return "whole"
+    return "layerwise" if weight_bytes > AUTO_MEMORY_SHARE * free_memory_bytes(device) else "whole"

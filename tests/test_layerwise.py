@@ -1,0 +1,235 @@
+"""Layer-wise execution must give what whole-model execution gives, while holding few layers at a time."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, TINY_LAYERS, build_tiny_model, build_tiny_tokenizer
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from swm_hub import devices, layerwise
+from swm_hub.analyze import analyze_model, calibration_batches, trace_calibration
+from swm_hub.devices import choose_execution, resolve_device
+from swm_hub.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
+from swm_hub.layerwise import activation_cache, trace_layerwise
+from swm_hub.merge import merge
+from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.pull import LoadedModel, pull
+
+TARGET = 3
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_model_dir: Callable[[str], Path]) -> Callable[[str], LoadedModel]:
+    cache: dict[str, LoadedModel] = {}
+
+    def get(model_type: str) -> LoadedModel:
+        if model_type not in cache:
+            cache[model_type] = pull(str(tiny_model_dir(model_type)), execution="layerwise")
+        return cache[model_type]
+
+    return get
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_layerwise_pull_loads_no_decoder_layer(streamed: Callable[[str], LoadedModel]) -> None:
+    loaded = streamed("llama")
+    assert loaded.streamed is not None
+    layer_params = list(loaded.streamed.templates.parameters())
+    assert layer_params and all(p.is_meta for p in layer_params)
+    outer = [p for n, p in loaded.model.named_parameters() if not n.startswith("model.layers.")]
+    assert outer and not any(p.is_meta for p in outer)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_layerwise_traces_equal_whole_model_traces(
+    model_type: str,
+    streamed: Callable[[str], LoadedModel],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+) -> None:
+    whole = pull(str(tiny_model_dir(model_type)))
+    batches = calibration_batches(whole.tokenizer, calibration)
+    expected = trace_calibration(whole.model, batches, progress=False)
+    loaded = streamed(model_type)
+    assert loaded.streamed is not None
+    with activation_cache(loaded.streamed.device) as cache:
+        traces = trace_layerwise(loaded.model, loaded.streamed, batches, cache, progress=False)
+        assert len(traces) == len(expected)
+        for got, want in zip(traces, expected, strict=True):
+            assert len(got.hidden) == TINY_LAYERS + 1
+            for position in range(TINY_LAYERS + 1):
+                torch.testing.assert_close(got.hidden[position], want.hidden[position], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "merge_rule"),
+    [("llama", "fit"), ("qwen2", "fit"), ("gpt2", "fit"), ("gemma2", "laco"), ("gpt_neox", "mean")],
+)
+def test_layerwise_merge_writes_what_whole_merge_writes(
+    model_type: str,
+    merge_rule: str,
+    streamed: Callable[[str], LoadedModel],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+) -> None:
+    options = MergeOptions(target_layers=TARGET, merge=merge_rule, calibration=calibration)
+    whole = merge(pull(str(tiny_model_dir(model_type))), tmp_path / "whole", options)
+    layer_wise = merge(streamed(model_type), tmp_path / "layerwise", options)
+    assert layer_wise.plan.windows == whole.plan.windows
+    assert layer_wise.params_after == whole.params_after
+    expected, got = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "layerwise")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "layerwise")
+    assert (
+        model.config.get_text_config().num_hidden_layers == TARGET
+        or getattr(model.config, "n_layer", 0) == TARGET
+    )
+
+
+def test_layerwise_merge_with_the_paper_method_matches(
+    streamed: Callable[[str], LoadedModel],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+) -> None:
+    """The model-in-the-loop score runs layers above each candidate: from the shards, one by one."""
+    options = MergeOptions(target_layers=TARGET, method="swm-paper", calibration=calibration)
+    whole = merge(pull(str(tiny_model_dir("llama"))), tmp_path / "whole", options)
+    layer_wise = merge(streamed("llama"), tmp_path / "layerwise", options)
+    assert layer_wise.plan.windows == whole.plan.windows
+    for got, want in zip(layer_wise.plan.trials, whole.plan.trials, strict=True):
+        assert got["similarity"] == pytest.approx(want["similarity"], abs=1e-5)
+
+
+def test_layerwise_analysis_matches_whole(
+    streamed: Callable[[str], LoadedModel],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+) -> None:
+    whole = analyze_model(pull(str(tiny_model_dir("qwen3"))), calibration=calibration, max_tokens=48)
+    layer_wise = analyze_model(streamed("qwen3"), calibration=calibration, max_tokens=48)
+    torch.testing.assert_close(torch.tensor(layer_wise.matrix), torch.tensor(whole.matrix), atol=1e-5, rtol=0)
+    assert layer_wise.io_redundancy == pytest.approx(whole.io_redundancy, abs=1e-5)
+
+
+@pytest.fixture
+def live_layers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Record, at every layer load, how many loaded layers are still alive (the most ever held at once)."""
+    alive: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+    counts: list[int] = []
+    original = layerwise.StreamedLayers.load
+
+    def counting_load(self: layerwise.StreamedLayers, index: int) -> nn.Module:
+        layer = original(self, index)
+        alive.add(layer)
+        counts.append(len(alive))
+        return layer
+
+    monkeypatch.setattr(layerwise.StreamedLayers, "load", counting_load)
+    yield counts
+
+
+@pytest.mark.parametrize(("merge_rule", "most"), [("fit", 2), ("laco", 3)])
+def test_layerwise_merge_holds_at_most_a_few_layers(
+    merge_rule: str,
+    most: int,
+    live_layers: list[int],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+) -> None:
+    """The point of the mode: a 6-layer model merged to 3 never has its layers in memory together.
+
+    ``fit`` needs the window's lowest layer only; a parameter-space rule folds the window in, holding the
+    lowest layer, the layer folded last and the one being loaded.
+    """
+    loaded = pull(str(tiny_model_dir("llama")), execution="layerwise")
+    merge(
+        loaded,
+        tmp_path / "out",
+        MergeOptions(target_layers=TARGET, merge=merge_rule, calibration=calibration),
+    )
+    assert len(live_layers) >= TINY_LAYERS
+    assert max(live_layers) <= most
+
+
+def test_layerwise_needs_safetensors(tmp_path: Path) -> None:
+    folder = tmp_path / "bin-model"
+    build_tiny_model("llama").save_pretrained(folder, safe_serialization=False)
+    build_tiny_tokenizer().save_pretrained(folder)
+    with pytest.raises(InvalidOptionError, match="safetensors"):
+        pull(str(folder), execution="layerwise")
+    assert pull(str(folder), execution="auto").streamed is None
+
+
+def test_layerwise_names_a_missing_tensor(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = tmp_path / "no-norm"
+    source = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    state = {k: v for k, v in model.state_dict().items() if k != "model.norm.weight"}
+    model.save_pretrained(folder, state_dict=state)
+    build_tiny_tokenizer().save_pretrained(folder)
+    with pytest.raises(CorruptWeightsError, match=r"model\.norm\.weight"):
+        pull(str(folder), execution="layerwise")
+
+
+def test_auto_streams_only_when_the_weights_crowd_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 1000)
+    assert choose_execution("auto", 400, "cpu") == "whole"
+    assert choose_execution("auto", 600, "cpu") == "layerwise"
+    assert choose_execution("auto", None, "cpu") == "whole"
+    assert choose_execution("whole", 10**12, "cpu") == "whole"
+    assert choose_execution("layerwise", 1, "cpu") == "layerwise"
+
+
+def test_auto_pull_streams_a_model_larger_than_its_share(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Callable[[str], Path]
+) -> None:
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 1000)
+    assert pull(str(tiny_model_dir("llama")), execution="auto").streamed is not None
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailableError, match="--device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_whole_model_on_cuda_goes_through_accelerates_device_map() -> None:
+    assert devices.whole_model_device_map("cuda") == "auto"
+    assert devices.whole_model_device_map("cpu") == "cpu"
+
+
+@pytest.mark.parametrize(("field", "value"), [("device", "tpu"), ("dtype", "float8"), ("mode", "streaming")])
+def test_execution_options_are_checked(field: str, value: str) -> None:
+    with pytest.raises(InvalidOptionError, match=value):
+        ExecutionOptions(**{field: value})
+
+
+def test_bfloat16_layerwise_merge_saves_bfloat16(
+    tiny_model_dir: Callable[[str], Path], calibration: CalibrationOptions, tmp_path: Path
+) -> None:
+    loaded = pull(str(tiny_model_dir("llama")), dtype=torch.bfloat16, execution="layerwise")
+    merge(loaded, tmp_path / "out", MergeOptions(target_layers=TARGET, calibration=calibration))
+    tensors = folder_tensors(tmp_path / "out")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert model.dtype == torch.bfloat16
