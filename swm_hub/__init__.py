@@ -6,13 +6,14 @@ The Python API mirrors the command line: ``analyze`` and ``compress`` take a mod
 
 from swm_hub.analyze import SimilarityReport
 from swm_hub.merge import MergeResult
-from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.pipeline import analyze, compress
 from swm_hub.plan import MergePlan
 from swm_hub.version import __version__
 
 __all__ = [
     "CalibrationOptions",
+    "ExecutionOptions",
     "MergeOptions",
     "MergePlan",
     "MergeResult",

@@ -135,16 +135,18 @@ def combine_window(layers: Iterable[nn.Module], rule: MergeRule) -> nn.Module:
     """A new layer module holding the rule's combination of ``layers`` (lowest first); inputs stay unchanged.
 
     Norm weights are never combined: the lowest layer's stay, since its input still comes from below.
+    The new module shares the parameters it keeps with the lowest layer (nothing here or in the refit
+    writes a parameter in place), so keeping the lowest layer, ``fit``'s start, costs no copy of it.
     """
     remaining = iter(layers)
     lowest_layer = next(remaining)
     lowest = _parameters_of(lowest_layer)
     mergeable = frozenset(lowest) - norm_parameter_names(lowest_layer)
     merged = rule.combine(lowest, (_parameters_of(layer) for layer in remaining), mergeable)
-    new_layer = copy.deepcopy(lowest_layer)
-    with torch.no_grad():
-        for name, tensor in new_layer.named_parameters():
-            tensor.copy_(merged.get(name, lowest[name]))
+    new_layer = copy.deepcopy(lowest_layer, memo={id(p): p for p in lowest_layer.parameters()})
+    for name, tensor in merged.items():
+        if tensor is not lowest[name]:
+            _set_parameter(new_layer, name, tensor)
     return new_layer
 
 
@@ -162,15 +164,22 @@ def _projection_matrix(module: nn.Module) -> torch.Tensor:
     return weight if bias is None else torch.cat([weight, bias.detach()[None, :]], dim=0)
 
 
-@torch.no_grad()
 def _store_projection_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Give the projection new parameters (never written in place: they may be shared with the original)."""
     bias = _parameter(module, "bias")
     weight = matrix if bias is None else matrix[:-1]
     if bias is not None:
-        bias.copy_(matrix[-1].to(bias.dtype))
-    target = module.weight
-    assert isinstance(target, torch.Tensor)
-    target.copy_((weight if isinstance(module, Conv1D) else weight.T).to(target.dtype))
+        _set_parameter(module, "bias", matrix[-1].to(bias.dtype))
+    old = module.weight
+    assert isinstance(old, torch.Tensor)
+    oriented = weight if isinstance(module, Conv1D) else weight.T
+    _set_parameter(module, "weight", oriented.to(old.dtype).contiguous())
+
+
+def _set_parameter(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = dotted.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 @torch.no_grad()
@@ -211,16 +220,34 @@ def refit_output_projection(
                 features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
             target = trace.hidden[high + 1].to(y.device)
             wanted = (target - (y - captured["o"])).reshape(-1, y.shape[-1]).double()
-            gram = features.T @ features if gram is None else gram + features.T @ features
-            cross = features.T @ wanted if cross is None else cross + features.T @ wanted
+            if gram is None or cross is None:
+                gram = features.new_zeros(features.shape[1], features.shape[1])
+                cross = features.new_zeros(wanted.shape[1], features.shape[1]).mT  # column-major, see below
+            gram.addmm_(features.T, features)  # in place: the [features, features] float64 matrix is the
+            cross.addmm_(features.T, wanted)  # largest buffer of a merge, so no second copy of it is made
     finally:
         handle.remove()
     assert gram is not None and cross is not None
-    current = _projection_matrix(projection).double()
-    strength = ridge * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    solution = torch.linalg.solve(gram + strength * eye, cross + strength * current)
+    strength = float(ridge * gram.diagonal().mean())
+    gram.diagonal().add_(strength)
+    cross.add_(_projection_matrix(projection).double().to(cross.device), alpha=strength)
+    solution = _solve_in_place(gram, cross)
     _store_projection_matrix(projection, solution)
+
+
+def _solve_in_place(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """``gram^-1 @ cross`` for a symmetric positive definite ``gram``, in the storage of both.
+
+    ``gram`` is the largest buffer of a merge ([MLP width]^2 float64: 1 GB for a 7B model), and LAPACK copies
+    a row-major input into column-major order. Its transpose is the same matrix in column-major order, so
+    the Cholesky factor is computed in place; with ``cross`` column-major too, the two triangular solves
+    write their result into it, and the whole solve allocates nothing.
+    """
+    factor = gram.mT
+    torch.linalg.cholesky(factor, out=factor)
+    torch.linalg.solve_triangular(factor, cross, upper=False, out=cross)
+    solution: torch.Tensor = torch.linalg.solve_triangular(factor.mT, cross, upper=True, out=cross)
+    return solution
 
 
 def consolidate(

@@ -236,14 +236,17 @@ def _save_streamed(
     """Write the merged model tensor by tensor, building each kept or consolidated layer only when its turn comes.
 
     The merged model exists only as a skeleton on the meta device, built from the rewritten config: it
-    names the tensors in the order a checkpoint lists them and gives their shapes.
+    names the tensors and gives their shapes.
     """
     config = rewrite_config(loaded.model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
     config["dtype"] = str(layers.dtype).removeprefix("torch.")
     skeleton = build_skeleton(config, layers.dtype)
     skeleton.generation_config = loaded.model.generation_config
     state = skeleton.state_dict()
-    names = untied_state_keys(skeleton)
+    prefix = f"{spec_for_config(skeleton.config).layers_path}."
+    # Layers first: the embeddings and head were read lazily from the shards and have barely been touched,
+    # so writing them last keeps them out of memory while the layers are consolidated.
+    names = sorted(untied_state_keys(skeleton), key=lambda name: not name.startswith(prefix))
     specs = [TensorSpec(name, tuple(state[name].shape), state[name].dtype) for name in names]
     tensors = _merged_tensors(loaded, layers, plan, traces, names)
     save_streamed_folder(folder, skeleton, specs, tensors, loaded.tokenizer, extra_files=extra)

@@ -208,6 +208,18 @@ def test_fit_error_grows_with_the_ridge(traced: Callable[[str], Traced]) -> None
     )
 
 
+def test_fit_leaves_the_original_layers_untouched(traced: Callable[[str], Traced]) -> None:
+    """The consolidated layer shares the parameters it keeps with the lowest layer; the refit must not write them."""
+    _loaded, spec, layers, traces = traced("llama")
+    before = [params(layer) for layer in layers]
+    merged = consolidate(layers, spec, traces, LOW, HIGH, MERGE_RULES["fit"], ridge=0.3)
+    refitted = merged.get_submodule("mlp.down_proj").weight
+    assert not torch.equal(refitted, before[LOW]["mlp.down_proj.weight"])
+    for layer, snapshot in zip(layers, before, strict=True):
+        for name, tensor in layer.named_parameters():
+            assert torch.equal(tensor, snapshot[name]), name
+
+
 def test_fit_solves_the_documented_ridge_problem(traced: Callable[[str], Traced]) -> None:
     """Weights = argmin |M W - (target - rest)|^2 + s |W - W0|^2 with s = ridge * mean diag(M^T M)."""
     _loaded, spec, layers, traces = traced("llama")

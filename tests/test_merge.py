@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ from conftest import TINY_CONFIGS, TINY_LAYERS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from swm_hub import analyze as analyze_module
 from swm_hub import merge as merge_module
 from swm_hub.architectures import spec_for
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError, OutputExistsError, PlanMismatchError
@@ -63,7 +63,7 @@ def forbid_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("calibration ran")
 
-    monkeypatch.setattr(analyze_module, "trace_calibration", refuse)
+    monkeypatch.setattr(importlib.import_module("swm_hub.analyze"), "trace_calibration", refuse)
     monkeypatch.setattr(merge_module, "calibration_batches", refuse)
 
 
