@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -68,23 +67,6 @@ BOUND_FACTOR = 1.5
 ACTIVATION_BYTES = 4  # calibration hidden states are float32
 REFIT_BYTES = 8  # the fit rule accumulates its normal equations in float64
 MB = 1e6
-SAFETENSORS_DTYPE_BYTES: dict[str, int] = {
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-    "F32": 4,
-    "I32": 4,
-    "U32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "U16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 LAYER_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 RANDOM_2048_SHAPE: dict[str, Any] = {
     "num_hidden_layers": 24,
@@ -317,18 +299,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def tensor_sizes(folder: Path) -> dict[str, tuple[list[int], int]]:
-    """Every tensor's shape and bytes, from the safetensors headers alone."""
-    from safetensors import safe_open
+def tensor_sizes(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Every tensor's shape and bytes, from the safetensors headers alone (swm-hub's own reader)."""
+    from swm_hub.shards import CheckpointReader
 
-    sizes: dict[str, tuple[list[int], int]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="numpy") as file:
-            for name in file.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
-                tensor = file.get_slice(name)
-                shape = list(tensor.get_shape())
-                sizes[name] = (shape, math.prod(shape) * SAFETENSORS_DTYPE_BYTES[tensor.get_dtype()])
-    return sizes
+    reader = CheckpointReader(folder)
+    return {name: (reader.spec(name).shape, reader.spec(name).nbytes) for name in reader.names}
 
 
 def compute_bound(folder: Path, samples: int, seq_len: int) -> Bound:
