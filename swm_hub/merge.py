@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from swm_hub.analyze import (
@@ -194,6 +195,7 @@ def write_merged(
     out: Path,
     overwrite: bool,
     report: SimilarityReport | None = None,
+    progress: bool = False,
 ) -> MergeResult:
     """Write the merged model, its tokenizer, generation config and plan to ``out``, checked before the move.
 
@@ -205,7 +207,7 @@ def write_merged(
         if loaded.streamed is None:
             params_after = _save_whole(loaded, plan, traces, temp, extra_files)
         else:
-            params_after = _save_streamed(loaded, loaded.streamed, plan, traces, temp, extra_files)
+            params_after = _save_streamed(loaded, loaded.streamed, plan, traces, temp, extra_files, progress)
         if report is not None:
             report.save(temp)
     return MergeResult(
@@ -232,6 +234,7 @@ def _save_streamed(
     traces: Sequence[BatchTrace],
     folder: Path,
     extra: dict[str, str],
+    progress: bool,
 ) -> int:
     """Write the merged model tensor by tensor, building each kept or consolidated layer only when its turn comes.
 
@@ -249,6 +252,9 @@ def _save_streamed(
     names = sorted(untied_state_keys(skeleton), key=lambda name: not name.startswith(prefix))
     specs = [TensorSpec(name, tuple(state[name].shape), state[name].dtype) for name in names]
     tensors = _merged_tensors(loaded, layers, plan, traces, names)
+    tensors = tqdm(
+        tensors, desc="writing", total=len(names), unit="tensor", disable=not progress, leave=False
+    )
     save_streamed_folder(folder, skeleton, specs, tensors, loaded.tokenizer, extra_files=extra)
     verify_folder_headers(folder, plan.layers_after)
     return sum(p.numel() for p in skeleton.parameters())
@@ -331,7 +337,7 @@ def merge(
             plan = plan_merge(loaded, traces, options, progress)
         logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
         report = _similarity_report(loaded, traces, plan) if traces else None
-        return write_merged(loaded, plan, traces, out, overwrite, report)
+        return write_merged(loaded, plan, traces, out, overwrite, report, progress)
 
 
 def _similarity_report(

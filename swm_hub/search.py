@@ -151,6 +151,7 @@ class WindowSearch:
         return [h[:, ctx.reference.positions] for h in hidden]
 
     def similarity(self, committed: tuple[Window, ...], low: int, high: int, above: Above) -> float:
+        # A model-free score reads the original's states only, so windows committed above do not change it.
         key = (() if not self.runs_model else committed, low, high)
         if key not in self._memo:
             self.evaluations += 1
