@@ -8,6 +8,7 @@ CPU take most of this file's time.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -19,7 +20,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from swm_hub import merge as merge_module
 from swm_hub import pipeline
 from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.calibration import TextSource
@@ -70,7 +70,8 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
         assert source == "smollm2"
         return smollm2
 
-    real_trace = merge_module.trace_calibration
+    analyze_module = importlib.import_module("swm_hub.analyze")  # swm_hub.analyze the attribute is a function
+    real_trace = analyze_module.trace_calibration
     cached_batches, cached_traces = calibrated
 
     def trace_shared(
@@ -84,7 +85,7 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
         return real_trace(model, batches, progress)
 
     monkeypatch.setattr(pipeline, "pull", pull_shared)
-    monkeypatch.setattr(merge_module, "trace_calibration", trace_shared)
+    monkeypatch.setattr(analyze_module, "trace_calibration", trace_shared)
 
 
 @pytest.mark.usefixtures("shared_model")
