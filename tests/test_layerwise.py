@@ -224,10 +224,11 @@ def test_execution_options_are_checked(field: str, value: str) -> None:
         ExecutionOptions(**{field: value})
 
 
-def test_bfloat16_layerwise_merge_saves_bfloat16(
-    tiny_model_dir: Callable[[str], Path], calibration: CalibrationOptions, tmp_path: Path
+@pytest.mark.parametrize("execution", ["whole", "layerwise"])
+def test_bfloat16_merge_saves_bfloat16(
+    execution: str, tiny_model_dir: Callable[[str], Path], calibration: CalibrationOptions, tmp_path: Path
 ) -> None:
-    loaded = pull(str(tiny_model_dir("llama")), dtype=torch.bfloat16, execution="layerwise")
+    loaded = pull(str(tiny_model_dir("llama")), dtype=torch.bfloat16, execution=execution)
     merge(loaded, tmp_path / "out", MergeOptions(target_layers=TARGET, calibration=calibration))
     tensors = folder_tensors(tmp_path / "out")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
