@@ -533,9 +533,13 @@ def _load_tokenizer(source: ModelSource, config: PretrainedConfig) -> PreTrained
     return tokenizer
 
 
+def _has_safetensors(source: ModelSource) -> bool:
+    return source.gguf_file is None and any(source.path.glob(SAFETENSORS_GLOB))
+
+
 def _streamable_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
     """The size of the weights at ``dtype``, from the safetensors headers; None when there are no shards."""
-    if source.gguf_file is not None or not any(source.path.glob(SAFETENSORS_GLOB)):
+    if not _has_safetensors(source):
         return None
     reader = CheckpointReader(source.path)
     element = torch.empty(0, dtype=dtype).element_size()
@@ -544,7 +548,7 @@ def _streamable_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
 
 def _check_streamable(source: ModelSource) -> None:
     """Layer-wise execution reads tensors by name from safetensors shards; refuse what has none."""
-    if source.gguf_file is not None or not any(source.path.glob(SAFETENSORS_GLOB)):
+    if not _has_safetensors(source):
         raise InvalidOptionError(
             f"--execution layerwise reads safetensors shards, and {_files_of(source)} has none: use "
             "--execution whole, or save the model with save_pretrained(safe_serialization=True) first"
