@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import overload
+from typing import TypeVar, overload
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
@@ -37,8 +38,35 @@ logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
+Item = TypeVar("Item")
 
-class StreamedLayers(Sequence[nn.Module]):
+
+class LoadedOnAccess(Sequence[Item]):
+    """A read-only sequence whose items are loaded from disk each time they are indexed, never kept.
+
+    Subclasses say how many items there are and how to load one; indexing (negative indices and slices
+    included) behaves as on a list.
+    """
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> Item: ...
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Item]: ...
+
+    def __getitem__(self, index: int | slice) -> Item | list[Item]:
+        if isinstance(index, slice):
+            return [self.load(i) for i in range(len(self))[index]]
+        return self.load(range(len(self))[index])
+
+
+class StreamedLayers(LoadedOnAccess[nn.Module]):
     """The decoder layers of a skeleton model, each built from the checkpoint on access and owned by the caller.
 
     Nothing is cached: a layer lives exactly as long as the caller keeps it, which is what bounds memory.
@@ -60,17 +88,6 @@ class StreamedLayers(Sequence[nn.Module]):
 
     def __len__(self) -> int:
         return len(self.templates)
-
-    @overload
-    def __getitem__(self, index: int) -> nn.Module: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[nn.Module]: ...
-
-    def __getitem__(self, index: int | slice) -> nn.Module | list[nn.Module]:
-        if isinstance(index, slice):
-            return [self.load(i) for i in range(len(self))[index]]
-        return self.load(range(len(self))[index])
 
     def tensor_names(self, index: int) -> list[str]:
         """The state-dict keys of layer ``index`` inside the model, as the checkpoint stores them."""
@@ -169,7 +186,7 @@ def activation_cache(device: torch.device) -> Iterator[ActivationCache]:
         yield ActivationCache(Path(folder), device)
 
 
-class CachedHidden(Sequence[torch.Tensor]):
+class CachedHidden(LoadedOnAccess[torch.Tensor]):
     """``BatchTrace.hidden`` of one batch, read from the cache position by position when indexed."""
 
     def __init__(self, cache: ActivationCache, batch: int, positions: int) -> None:
@@ -180,16 +197,8 @@ class CachedHidden(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return self.positions
 
-    @overload
-    def __getitem__(self, index: int) -> torch.Tensor: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
-
-    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(index, slice):
-            return [self.cache.load(i, self.batch) for i in range(self.positions)[index]]
-        return self.cache.load(range(self.positions)[index], self.batch)
+    def load(self, index: int) -> torch.Tensor:
+        return self.cache.load(index, self.batch)
 
 
 def trace_layerwise(
