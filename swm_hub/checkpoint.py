@@ -299,7 +299,8 @@ def verify_folder_headers(folder: Path, expected_layers: int) -> None:
         model = build_skeleton(AutoConfig.from_pretrained(folder).to_dict())
     except _LOAD_ERRORS as error:
         raise CorruptWeightsError(folder, f"its config does not load: {error}") from error
-    expected = {key: tuple(model.state_dict()[key].shape) for key in untied_state_keys(model)}
+    state = model.state_dict()
+    expected = {key: tuple(state[key].shape) for key in untied_state_keys(model)}
     reader = CheckpointReader(folder)
     found = {name: reader.spec(name).shape for name in reader.names}
     mismatched = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])

@@ -6,6 +6,8 @@ request the machine cannot serve fails before any weights are read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psutil
 import torch
 
@@ -52,17 +54,19 @@ def free_memory_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def choose_execution(mode: str, weight_bytes: int | None, device: str) -> str:
+def choose_execution(mode: str, weight_bytes: Callable[[], int | None], device: str) -> str:
     """``whole`` or ``layerwise``; ``auto`` streams only when the weights would crowd the memory.
 
     Args:
         mode: ``auto``, ``whole`` or ``layerwise``.
-        weight_bytes: the size of the weights at the run's precision, or None when they cannot be streamed
-            (a GGUF file), in which case ``auto`` loads the model whole.
+        weight_bytes: gives the size of the weights at the run's precision, or None when they cannot be
+            streamed (a GGUF file), in which case ``auto`` loads the model whole; called only for ``auto``,
+            since it reads every safetensors header.
         device: ``cpu`` or ``cuda`` (already resolved).
     """
     if mode != "auto":
         return mode
-    if weight_bytes is None:
+    size = weight_bytes()
+    if size is None:
         return "whole"
-    return "layerwise" if weight_bytes > AUTO_MEMORY_SHARE * free_memory_bytes(device) else "whole"
+    return "layerwise" if size > AUTO_MEMORY_SHARE * free_memory_bytes(device) else "whole"

@@ -253,7 +253,7 @@ def load_model(
     config = _checked_config(source)
     _check_safetensors_headers(source)
     tokenizer = _load_tokenizer(source, config)
-    mode = choose_execution(execution, _streamable_bytes(source, dtype), device)
+    mode = choose_execution(execution, lambda: _streamable_bytes(source, dtype), device)
     streamed = None
     if mode == "layerwise":
         _check_streamable(source)

@@ -191,11 +191,19 @@ def test_layerwise_names_a_missing_tensor(tiny_model_dir: Callable[[str], Path],
 
 def test_auto_streams_only_when_the_weights_crowd_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 1000)
-    assert choose_execution("auto", 400, "cpu") == "whole"
-    assert choose_execution("auto", 600, "cpu") == "layerwise"
-    assert choose_execution("auto", None, "cpu") == "whole"
-    assert choose_execution("whole", 10**12, "cpu") == "whole"
-    assert choose_execution("layerwise", 1, "cpu") == "layerwise"
+    assert choose_execution("auto", lambda: 400, "cpu") == "whole"
+    assert choose_execution("auto", lambda: 600, "cpu") == "layerwise"
+    assert choose_execution("auto", lambda: None, "cpu") == "whole"
+    assert choose_execution("whole", lambda: 10**12, "cpu") == "whole"
+    assert choose_execution("layerwise", lambda: 1, "cpu") == "layerwise"
+
+
+def test_an_explicit_mode_reads_no_weight_sizes() -> None:
+    def refuse() -> int:
+        raise AssertionError("the weight size was computed for an explicit mode")
+
+    assert choose_execution("whole", refuse, "cpu") == "whole"
+    assert choose_execution("layerwise", refuse, "cpu") == "layerwise"
 
 
 def test_auto_pull_streams_a_model_larger_than_its_share(
