@@ -222,6 +222,7 @@ Examples:
   swm-hub eval smollm2-swm-24L --text my-heldout.txt --seq-len 512 --blocks 32
   swm-hub eval smollm2-swm-24L --zero-shot paper
   swm-hub eval smollm2-swm-24L --zero-shot my_task --task-dir my-tasks --limit 100
+  swm-hub eval llama-13b-swm --execution layerwise
 """
 
 
@@ -268,18 +269,36 @@ def eval_command(
         int | None,
         typer.Option("--limit", help="zero-shot: at most this many examples per task", show_default=False),
     ] = None,
+    device: DeviceOpt = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
 ) -> None:
     """Held-out perplexity of a compressed model, its base model, and plain layer dropping at the same count.
 
     The base model and the number of removed layers come from the folder's swm_plan.json; the drop baselines
     remove as many layers from the same base model by ShortGPT's Block Influence (drop-bi) or PruneMe's
-    angular distance (drop-angular), so the table shows what merging bought.
+    angular distance (drop-angular), so the table shows what merging bought. With --execution layerwise the
+    perplexities are computed one decoder layer at a time, for models larger than memory.
     """
     progress = configure(quiet_requested(quiet))
     chosen = [b for b in (baseline or list(DROP_RULES)) if b != "none"]
     source = TextSource(path=text, packaged="heldout")
-    report = evaluate(model_dir, source, seq_len=seq_len, blocks=blocks, baselines=chosen, progress=progress)
+    run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
+    if zero_shot_tasks is not None and run_on.mode == "layerwise":
+        raise errors.InvalidOptionError(
+            "--zero-shot runs the whole model through lm-evaluation-harness, which --execution layerwise "
+            "is meant to avoid: run the zero-shot tasks separately with --execution whole"
+        )
+    report = evaluate(
+        model_dir,
+        source,
+        seq_len=seq_len,
+        blocks=blocks,
+        baselines=chosen,
+        progress=progress,
+        execution=run_on,
+    )
     for line in report.table_lines():
         _echo(line)
     if json_file is not None:

@@ -18,20 +18,23 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
-from swm_hub.analyze import calibration_batches, trace_calibration
+from swm_hub.analyze import calibration_batches, traced_calibration
 from swm_hub.calibration import TextSource, read_text, token_blocks
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError
-from swm_hub.layer_trace import BatchTrace, flat_hidden
+from swm_hub.layer_trace import BatchTrace, LogitHead, flat_hidden
+from swm_hub.layerwise import StreamedLayers, final_hidden_layerwise
 from swm_hub.merge import build_merged_model, calibration_of
-from swm_hub.options import MergeOptions
+from swm_hub.options import ExecutionOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import LoadedModel, pull
+from swm_hub.pull import LoadedModel, pull_for
 from swm_hub.similarity import io_redundancy, mean_cosine
 
 EVAL_BATCH = 8
 EVAL_FILE = "eval.json"
+DEFAULT_EXECUTION = ExecutionOptions()
 
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
 
@@ -42,16 +45,52 @@ def perplexity(
 ) -> float:
     """Exp of the mean next-token negative log-likelihood over every predicted token of every block."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    losses = []
     for batch in tqdm(batches, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
         ids = batch.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+        losses.append(_summed_loss(model(input_ids=ids, use_cache=False).logits, ids))
+    return _perplexity_of(losses)
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    model: PreTrainedModel,
+    layers: StreamedLayers,
+    batches: Sequence[torch.Tensor],
+    keep: Sequence[int] | None = None,
+    progress: bool = False,
+    label: str = "",
+) -> float:
+    """``perplexity`` of a layer-wise model, optionally with only the layers ``keep`` (all by default).
+
+    The layers run one at a time over every batch; the final norm and head then turn each batch's last
+    hidden state into logits.
+    """
+    kept = range(len(layers)) if keep is None else keep
+    desc = f"perplexity {label} (layer-wise)".replace("  ", " ")
+    finals = final_hidden_layerwise(model, layers, batches, kept, progress, desc)
+    head = LogitHead(model)
+    return _perplexity_of(
+        [
+            _summed_loss(head(hidden), ids.to(hidden.device))
+            for hidden, ids in zip(finals, batches, strict=True)
+        ]
+    )
+
+
+def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """The summed next-token loss of a batch and the number of tokens it predicted."""
+    shifted = logits[:, :-1].float()
+    targets = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(nll), targets.numel()
+
+
+def _perplexity_of(losses: Sequence[tuple[float, int]]) -> float:
+    """Weight every predicted token alike, however the tokens were split into batches."""
+    return math.exp(sum(loss for loss, _ in losses) / sum(count for _, count in losses))
 
 
 def drop_by_block_influence(traces: Sequence[BatchTrace], count: int) -> list[int]:
@@ -124,13 +163,35 @@ class EvalReport:
         return lines
 
 
-def baseline_model(
-    loaded: LoadedModel, plan: MergePlan, rule: str, traces: Sequence[BatchTrace]
-) -> tuple[nn.Module, list[int]]:
-    """The base model with as many layers dropped as ``plan`` removed, chosen by ``rule``."""
+def model_perplexity(
+    loaded: LoadedModel, batches: Sequence[torch.Tensor], progress: bool, label: str
+) -> float:
+    """``perplexity`` of a pulled model, whole or layer-wise as it was pulled."""
+    if loaded.streamed is None:
+        return perplexity(loaded.model, batches, progress, label)
+    return streamed_perplexity(loaded.model, loaded.streamed, batches, progress=progress, label=label)
+
+
+def baseline_perplexity(
+    base: LoadedModel,
+    plan: MergePlan,
+    rule: str,
+    traces: Sequence[BatchTrace],
+    batches: Sequence[torch.Tensor],
+    progress: bool = False,
+) -> tuple[float, list[int]]:
+    """The perplexity of the base model with as many layers dropped as ``plan`` removed, and those layers.
+
+    A whole model is rebuilt without them, as ``compress --merge drop`` would save it; a layer-wise one is
+    run with them left out.
+    """
     dropped = DROP_RULES[rule](traces, plan.removed)
+    if base.streamed is not None:
+        keep = [i for i in range(len(base.streamed)) if i not in set(dropped)]
+        return streamed_perplexity(base.model, base.streamed, batches, keep, progress, rule), dropped
     drop_plan = replace(plan, windows=windows_for_dropped(dropped), merge="drop", method=rule, trials=[])
-    return build_merged_model(loaded, drop_plan, traces), dropped
+    model = build_merged_model(base, drop_plan, traces)
+    return perplexity(model, batches, progress, rule), dropped
 
 
 def evaluate(
@@ -141,10 +202,12 @@ def evaluate(
     baselines: Sequence[str] = tuple(DROP_RULES),
     progress: bool = False,
     base: LoadedModel | None = None,
+    execution: ExecutionOptions = DEFAULT_EXECUTION,
 ) -> EvalReport:
     """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
 
     ``base`` saves loading the base model again when the caller already holds it (``compress --eval``).
+    Models are pulled as ``execution`` says; layer-wise, none of them is ever whole in memory.
     """
     plan = MergePlan.from_file(model_dir / PLAN_FILE)
     unknown = sorted(set(baselines) - set(DROP_RULES))
@@ -152,36 +215,45 @@ def evaluate(
         raise InvalidOptionError(
             f"unknown baseline {', '.join(unknown)}; choose from {', '.join(DROP_RULES)} or none"
         )
-    merged = pull(str(model_dir))
+    merged = pull_for(str(model_dir), None, execution)
     batches = _eval_batches(merged.tokenizer, text, blocks, seq_len)
-    rows = [
-        PerplexityRow(
-            f"merged: {plan.method}, {plan.merge} rule",
-            plan.layers_after,
-            perplexity(merged.model, batches, progress, "merged"),
-        )
-    ]
-    base = base or pull(plan.model, revision=plan.revision)
-    rows.insert(
-        0,
-        PerplexityRow(
-            f"base: {base.source.display_name}",
-            plan.num_layers,
-            perplexity(base.model, batches, progress, "base"),
-        ),
+    merged_row = PerplexityRow(
+        f"merged: {plan.method}, {plan.merge} rule",
+        plan.layers_after,
+        model_perplexity(merged, batches, progress, "merged"),
     )
-    if baselines:
-        traces = trace_calibration(
-            base.model, calibration_batches(base.tokenizer, calibration_of(plan, MergeOptions())), progress
-        )
+    del merged
+    base = base or pull_for(plan.model, plan.revision, execution)
+    base_row = PerplexityRow(
+        f"base: {base.source.display_name}",
+        plan.num_layers,
+        model_perplexity(base, batches, progress, "base"),
+    )
+    return EvalReport(
+        text=text.label,
+        blocks=blocks,
+        seq_len=seq_len,
+        rows=[base_row, merged_row, *_baseline_rows(base, plan, baselines, batches, progress)],
+    )
+
+
+def _baseline_rows(
+    base: LoadedModel,
+    plan: MergePlan,
+    baselines: Sequence[str],
+    batches: Sequence[torch.Tensor],
+    progress: bool,
+) -> list[PerplexityRow]:
+    """One row per drop rule, chosen from the calibration traces the merge itself was planned on."""
+    if not baselines:
+        return []
+    calibration = calibration_batches(base.tokenizer, calibration_of(plan, MergeOptions()))
+    rows = []
+    with traced_calibration(base, calibration, progress) as traces:
         for rule in baselines:
-            model, dropped = baseline_model(base, plan, rule, traces)
-            rows.append(
-                PerplexityRow(
-                    rule, plan.layers_after, perplexity(model, batches, progress, rule), tuple(dropped)
-                )
-            )
-    return EvalReport(text=text.label, blocks=blocks, seq_len=seq_len, rows=rows)
+            ppl, dropped = baseline_perplexity(base, plan, rule, traces, batches, progress)
+            rows.append(PerplexityRow(rule, plan.layers_after, ppl, tuple(dropped)))
+    return rows
 
 
 def _eval_batches(tokenizer: Any, text: TextSource, blocks: int, seq_len: int) -> list[torch.Tensor]:

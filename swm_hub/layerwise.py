@@ -210,15 +210,9 @@ def trace_layerwise(
 ) -> list[BatchTrace]:
     """What enters every decoder layer, computed one layer at a time over all batches and cached on disk.
 
-    The call arguments of every layer (rotary embeddings, masks) come from one forward pass per batch in
-    which the layers only pass their input on; they do not depend on the hidden state, so they are exact.
     Then each layer in turn is loaded, applied to every batch, and dropped.
     """
-    spec = spec_for_config(model.config)
-    first = [record_calls(model, spec, batch.to(layers.device)) for batch in batches]
-    calls: list[list[LayerCall]] = [trace.calls for trace in first]
-    current = [trace.hidden[0] for trace in first]
-    del first
+    current, calls = _layer_inputs(model, layers, batches)
     cache.save(0, current)
     for index in tqdm(range(len(layers)), desc="calibration (layer-wise)", disable=not progress, leave=False):
         current = _apply_layer(layers[index], index, current, calls)
@@ -228,6 +222,39 @@ def trace_layerwise(
         BatchTrace(hidden=CachedHidden(cache, batch, positions), calls=batch_calls)
         for batch, batch_calls in enumerate(calls)
     ]
+
+
+def final_hidden_layerwise(
+    model: PreTrainedModel,
+    layers: StreamedLayers,
+    batches: Sequence[torch.Tensor],
+    keep: Sequence[int],
+    progress: bool,
+    label: str,
+) -> list[torch.Tensor]:
+    """What leaves the last of the ``keep`` layers for every batch, one layer in memory at a time.
+
+    Leaving layers out of ``keep`` evaluates the model with those layers dropped, without building it:
+    every kept layer still receives the call arguments of its own position (its attention type's mask).
+    Nothing is cached on disk; only the current hidden states of all batches are held.
+    """
+    current, calls = _layer_inputs(model, layers, batches)
+    for index in tqdm(keep, desc=label, disable=not progress, leave=False):
+        current = _apply_layer(layers[index], index, current, calls)
+    return current
+
+
+def _layer_inputs(
+    model: PreTrainedModel, layers: StreamedLayers, batches: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """What enters the first layer, and every layer's call arguments, for each batch.
+
+    They come from one forward pass per batch in which the layers only pass their input on; the call
+    arguments (rotary embeddings, masks) do not depend on the hidden state, so they are exact.
+    """
+    spec = spec_for_config(model.config)
+    first = [record_calls(model, spec, batch.to(layers.device)) for batch in batches]
+    return [trace.hidden[0] for trace in first], [trace.calls for trace in first]
 
 
 def _apply_layer(

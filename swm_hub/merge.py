@@ -177,12 +177,20 @@ def merged_state_dict(
     return state_dict_for(kept_layers(plan.num_layers, plan.windows), state, spec.layers_path)
 
 
-def build_merged_model(loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace]) -> PreTrainedModel:
-    """The merged model in memory, built from its state dict and rewritten config as a fresh load would be."""
+def build_merged_model(
+    loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """The merged model in memory, built from its state dict and rewritten config as a fresh load would be.
+
+    With ``dtype``, its floating tensors are cast to it (copies; the loaded model is left as it is).
+    """
     model = loaded.model
     spec = spec_for_config(model.config)
     config = rewrite_config(model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
-    merged = build_model(config, merged_state_dict(loaded, spec, plan, traces))
+    state = merged_state_dict(loaded, spec, plan, traces)
+    if dtype is not None:
+        state = {name: _saved(tensor, dtype) for name, tensor in state.items()}
+    merged = build_model(config, state)
     merged.generation_config = model.generation_config
     merged.train(False)
     return merged
@@ -221,7 +229,7 @@ def write_merged(
 def _save_whole(
     loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], folder: Path, extra: dict[str, str]
 ) -> int:
-    merged = build_merged_model(loaded, plan, traces)
+    merged = build_merged_model(loaded, plan, traces, loaded.save_dtype)
     save_model_folder(merged, loaded.tokenizer, folder, extra_files=extra)
     verify_folder_loads(folder, plan.layers_after)
     return sum(p.numel() for p in merged.parameters())
@@ -242,8 +250,9 @@ def _save_streamed(
     names the tensors and gives their shapes.
     """
     config = rewrite_config(loaded.model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
-    config["dtype"] = str(layers.dtype).removeprefix("torch.")
-    skeleton = build_skeleton(config, layers.dtype)
+    dtype = loaded.save_dtype
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    skeleton = build_skeleton(config, dtype)
     skeleton.generation_config = loaded.model.generation_config
     state = skeleton.state_dict()
     prefix = f"{spec_for_config(skeleton.config).layers_path}."
@@ -269,6 +278,7 @@ def _merged_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged model's tensors under ``names``, one layer in memory at a time (plus the skeleton's own)."""
     spec = spec_for_config(loaded.model.config)
+    dtype = loaded.save_dtype
     outer = loaded.model.state_dict()
     kept = kept_layers(plan.num_layers, plan.windows)
     window_top = dict(plan.windows)
@@ -278,7 +288,7 @@ def _merged_tensors(
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
         if not name.startswith(prefix):
-            yield name, outer[name]
+            yield name, _saved(outer[name], dtype)
             continue
         number, _, rest = name[len(prefix) :].partition(".")
         if int(number) != position:
@@ -292,7 +302,12 @@ def _merged_tensors(
             )
             tensors = layer.state_dict()
             del layer
-        yield name, tensors[rest]
+        yield name, _saved(tensors[rest], dtype)
+
+
+def _saved(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating tensor in the precision of the output; integer buffers as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def calibration_of(plan: MergePlan | None, options: MergeOptions) -> CalibrationOptions:

@@ -29,7 +29,9 @@ HELP: dict[str, str] = {
     "ridge": "regularisation of the fit rule's least-squares refit, relative to the feature energy",
     "device": "where the model runs: cpu, cuda (all visible GPUs through accelerate's device map) or auto "
     "(cuda when a GPU is visible)",
-    "dtype": "precision the model is loaded, run and saved in: float32, bfloat16 or float16",
+    "dtype": "precision the model is loaded and run in: float32, bfloat16 or float16; the output is saved in "
+    "it, or in the checkpoint's own precision where that is narrower (a float16 model run in float32 stays "
+    "float16)",
     "execution": "whole (the model in memory), layerwise (one decoder layer at a time from the safetensors "
     "shards; for models larger than memory) or auto (layerwise when the weights would take more than half "
     "of the free memory)",

@@ -8,31 +8,18 @@ from pathlib import Path
 
 from swm_hub.analyze import SimilarityReport, analyze_model
 from swm_hub.calibration import TextSource
-from swm_hub.devices import resolve_device
-from swm_hub.errors import InvalidOptionError
 from swm_hub.evaluate import evaluate
 from swm_hub.exporters import export
 from swm_hub.merge import MergeResult, merge
 from swm_hub.model_cards import write_card
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.plan import MergePlan
-from swm_hub.pull import LoadedModel, pull
+from swm_hub.pull import pull_for
 from swm_hub.push import PushResult, push
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_CALIBRATION = CalibrationOptions()
 DEFAULT_EXECUTION = ExecutionOptions()
-
-
-def pull_for(model: str, revision: str | None, execution: ExecutionOptions) -> LoadedModel:
-    """Pull ``model`` on the device, in the precision and in the execution mode asked for."""
-    return pull(
-        model,
-        revision=revision,
-        dtype=execution.torch_dtype,
-        device=resolve_device(execution.device),
-        execution=execution.mode,
-    )
 
 
 def analyze(
@@ -69,21 +56,16 @@ def compress(
     measured and saved as ``eval.json`` beside the model. Each format in ``export_formats`` goes to a
     subfolder (``onnx/``). The card (``README.md``) is written last from whatever was measured, so it
     describes exactly what the folder holds, and ``push_to`` uploads the folder in one commit.
-
-    Raises:
-        InvalidOptionError: ``run_eval`` with layer-wise execution (the evaluation runs whole models).
+    The evaluation runs in the execution mode of the merge: layer-wise, it streams the base model, the
+    merged model and the baselines one layer at a time too.
     """
     plan = MergePlan.from_file(plan_file) if plan_file is not None else None
     loaded = pull_for(model, revision, execution)
-    if run_eval and loaded.streamed is not None:
-        raise InvalidOptionError(
-            "--eval runs the base model, the merged model and the drop baselines whole, which layer-wise "
-            "execution is meant to avoid: leave out --eval and run `swm-hub eval OUT` where the models fit "
-            "in memory, or use --execution whole"
-        )
     result = merge(loaded, out, options, plan=plan, overwrite=overwrite, progress=progress)
     if run_eval:
-        report = evaluate(out, TextSource(packaged="heldout"), progress=progress, base=loaded)
+        report = evaluate(
+            out, TextSource(packaged="heldout"), progress=progress, base=loaded, execution=execution
+        )
         report.save(out)
         result = replace(result, evaluation=report)
     if export_formats:

@@ -47,7 +47,7 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from swm_hub.architectures import spec_for, spec_for_config, supported_model_types
-from swm_hub.devices import choose_execution, execution_device, whole_model_device_map
+from swm_hub.devices import choose_execution, execution_device, resolve_device, whole_model_device_map
 from swm_hub.errors import (
     CorruptWeightsError,
     InvalidOptionError,
@@ -56,6 +56,7 @@ from swm_hub.errors import (
 )
 from swm_hub.layer_trace import decoder_layers
 from swm_hub.layerwise import StreamedLayers, load_skeleton
+from swm_hub.options import ExecutionOptions
 from swm_hub.shards import CheckpointReader
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,21 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: ModelSource
     streamed: StreamedLayers | None = None
+    checkpoint_dtype: torch.dtype | None = None
+    """The precision the weights are stored in (config.json's ``dtype``); None when unknown (GGUF)."""
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """The precision to save a compressed copy in: the run's, or the checkpoint's where that is narrower.
+
+        Computing in float32 must not double the size of a float16 checkpoint on disk, and a run in
+        bfloat16 has nothing more precise to save than bfloat16.
+        """
+        run = next(iter(self.model.parameters())).dtype
+        stored = self.checkpoint_dtype
+        if stored is None or not stored.is_floating_point or stored.itemsize >= run.itemsize:
+            return run
+        return stored
 
     @property
     def layers(self) -> Sequence[nn.Module]:
@@ -202,6 +218,17 @@ def pull(
     """Resolve a model name and load it: the whole pull stage in one call."""
     resolved = resolve_source(source, revision=revision, token=token)
     return load_model(resolved, dtype=dtype, device=device, execution=execution)
+
+
+def pull_for(model: str, revision: str | None, execution: ExecutionOptions) -> LoadedModel:
+    """Pull ``model`` on the device, in the precision and in the execution mode asked for."""
+    return pull(
+        model,
+        revision=revision,
+        dtype=execution.torch_dtype,
+        device=resolve_device(execution.device),
+        execution=execution.mode,
+    )
 
 
 def resolve_source(source: str, revision: str | None = None, token: str | None = None) -> ModelSource:
@@ -251,6 +278,7 @@ def load_model(
         InvalidOptionError: layer-wise execution of a model that has no safetensors shards.
     """
     config = _checked_config(source)
+    stored_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
     _check_safetensors_headers(source)
     tokenizer = _load_tokenizer(source, config)
     mode = choose_execution(execution, lambda: _streamable_bytes(source, dtype), device)
@@ -269,7 +297,9 @@ def load_model(
         type(model).__name__,
         model.num_parameters(),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, streamed=streamed)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=source, streamed=streamed, checkpoint_dtype=stored_dtype
+    )
 
 
 # --- resolving -------------------------------------------------------------------------------------------

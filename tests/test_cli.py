@@ -349,12 +349,11 @@ BAD_INPUTS: list[tuple[str, BadArgs, str, bool]] = [
         False,
     ),
     (
-        "eval-with-layerwise-execution",
+        "zero-shot-with-layerwise-execution",
         lambda i: [
-            *["compress", str(i.tiny), "--target-layers", "4", "--execution", "layerwise", "--eval"],
-            *["--out", str(i.tmp / "o"), "--quiet"],
+            *["eval", str(i.tmp), "--zero-shot", "piqa", "--execution", "layerwise", "--quiet"],
         ],
-        "--eval runs the base model, the merged model and the drop baselines whole",
+        "--zero-shot runs the whole model through lm-evaluation-harness",
         False,
     ),
     (
@@ -498,6 +497,32 @@ def test_compress_layerwise_writes_what_whole_execution_wrote(
     assert first.keys() == second.keys()
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compress_layerwise_with_eval_writes_the_evaluation(
+    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--execution", "layerwise", "--eval"]
+    result = CliRunner().invoke(
+        cli.app, [*args, "--calib", str(calib_file), *SMALL_CALIB, "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "eval.json").read_text(encoding="utf-8"))["rows"]
+    assert [row["layers"] for row in rows] == [6, 4, 4, 4]
+    assert all(row["perplexity"] > 1.0 for row in rows)
+    assert "perplexity" in (out / "README.md").read_text(encoding="utf-8").lower()
+
+
+def test_eval_layerwise_prints_the_table(compressed: Compressed, calib_file: Path, tmp_path: Path) -> None:
+    args = ["eval", str(compressed.out), "--text", str(calib_file), "--seq-len", "16", "--blocks", "4"]
+    result = CliRunner().invoke(
+        cli.app, [*args, "--execution", "layerwise", "--json", str(tmp_path / "e.json"), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "held-out perplexity on" in result.output
+    report = json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))
+    assert [row["name"] for row in report["rows"]][2:] == ["drop-bi", "drop-angular"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,14 +16,17 @@ from transformers import AutoModelForCausalLM
 
 from swm_hub import devices, layerwise
 from swm_hub.analyze import analyze_model, calibration_batches, trace_calibration
+from swm_hub.calibration import TextSource
 from swm_hub.devices import choose_execution, resolve_device
 from swm_hub.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
+from swm_hub.evaluate import DROP_RULES, evaluate, perplexity, streamed_perplexity
 from swm_hub.layerwise import activation_cache, trace_layerwise
 from swm_hub.merge import merge
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.pull import LoadedModel, pull
 
 TARGET = 3
+LAYERWISE = ExecutionOptions(mode="layerwise")
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +246,92 @@ def test_bfloat16_merge_saves_bfloat16(
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
     assert model.dtype == torch.bfloat16
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+def test_layerwise_perplexity_equals_whole(
+    model_type: str, streamed: Callable[[str], LoadedModel], tiny_model_dir: Callable[[str], Path]
+) -> None:
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 300, (2, 16), generator=generator) for _ in range(3)]
+    whole = pull(str(tiny_model_dir(model_type)))
+    layer_wise = streamed(model_type)
+    assert layer_wise.streamed is not None
+    assert streamed_perplexity(layer_wise.model, layer_wise.streamed, batches) == pytest.approx(
+        perplexity(whole.model, batches), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_layerwise_evaluation_reports_what_whole_evaluation_reports(
+    model_type: str,
+    streamed: Callable[[str], LoadedModel],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+) -> None:
+    """Merged, base and both drop baselines; gemma2 alternates attention types, so a dropped layer shifts them."""
+    options = MergeOptions(target_layers=TARGET, calibration=calibration)
+    merge(pull(str(tiny_model_dir(model_type))), tmp_path / "out", options)
+    text = TextSource(path=calibration.text)
+    whole = evaluate(tmp_path / "out", text, seq_len=16, blocks=4, execution=ExecutionOptions(mode="whole"))
+    layer_wise = evaluate(tmp_path / "out", text, seq_len=16, blocks=4, execution=LAYERWISE)
+    assert [row.name for row in layer_wise.rows] == [row.name for row in whole.rows]
+    assert [row.name for row in whole.rows][2:] == list(DROP_RULES)
+    for got, want in zip(layer_wise.rows, whole.rows, strict=True):
+        assert got.dropped == want.dropped and got.layers == want.layers
+        assert got.perplexity == pytest.approx(want.perplexity, rel=1e-5), got.name
+    # The base differs from every shallower model, so equal reports are not equal by accident (the drop
+    # rules may pick the same layers, and gemma2 merges without the fit: its merge equals a drop).
+    base = whole.rows[0].perplexity
+    assert all(row.perplexity != pytest.approx(base, rel=1e-4) for row in whole.rows[1:])
+
+
+def test_layerwise_evaluation_holds_at_most_one_layer(
+    live_layers: list[int],
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+) -> None:
+    options = MergeOptions(target_layers=TARGET, calibration=calibration)
+    merge(pull(str(tiny_model_dir("llama"))), tmp_path / "out", options)
+    live_layers.clear()
+    evaluate(tmp_path / "out", TextSource(path=calibration.text), seq_len=16, blocks=4, execution=LAYERWISE)
+    assert live_layers and max(live_layers) <= 1
+
+
+@pytest.mark.parametrize("execution", ["whole", "layerwise"])
+def test_a_float16_checkpoint_run_in_float32_stays_float16(
+    execution: str, calibration: CalibrationOptions, tmp_path: Path
+) -> None:
+    """Running in float32 must not double the checkpoint's size on disk, nor change the model it ran."""
+    build_tiny_model("llama").half().save_pretrained(tmp_path / "fp16")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "fp16")
+    loaded = pull(str(tmp_path / "fp16"), execution=execution)
+    assert loaded.checkpoint_dtype == torch.float16
+    merge(loaded, tmp_path / "out", MergeOptions(target_layers=TARGET, calibration=calibration))
+    assert {t.dtype for t in folder_tensors(tmp_path / "out").values()} == {torch.float16}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert model.dtype == torch.float16
+    assert {p.dtype for p in loaded.model.parameters() if not p.is_meta} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    ("run", "stored", "saved"),
+    [
+        (torch.float32, torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16, torch.bfloat16),
+        (torch.float32, None, torch.float32),
+        (torch.bfloat16, torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16, torch.float16),
+        (torch.float32, torch.float32, torch.float32),
+    ],
+)
+def test_save_dtype_is_the_narrower_of_run_and_checkpoint(
+    run: torch.dtype, stored: torch.dtype | None, saved: torch.dtype, tiny_model_dir: Callable[[str], Path]
+) -> None:
+    loaded = pull(str(tiny_model_dir("llama")), dtype=run)
+    assert dataclasses.replace(loaded, checkpoint_dtype=stored).save_dtype == saved
