@@ -293,7 +293,8 @@ def analyze_traces(
     """The report for recorded traces; pure, so tests and other stages can call it without a model.
 
     The per-layer scores use every token; the matrix uses at most ``max_tokens`` of them, the same rows for
-    every layer, because CKA needs paired rows and costs ``L * max_tokens^2`` floats of memory.
+    every layer, because CKA needs paired rows and each layer's kernel costs ``max_tokens^2`` floats (the
+    matrix holds a bounded number of them at once, see ``similarity_matrix``).
 
     Raises:
         InvalidOptionError: an unknown metric, or ``max_tokens`` below 1.

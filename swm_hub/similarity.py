@@ -4,12 +4,17 @@ Every function takes 2-D tensors ``[n_rows, features]`` whose rows are tokens, p
 the two inputs (row i of both inputs comes from the same token). Work is done in float64 because the
 interesting CKA values of real models sit above 0.999 and differ in the fourth decimal; float32 rounding
 in the large cancelling HSIC terms would swamp that. Nothing here reads files or touches a model.
+
+Memory stays bounded however many inputs or rows come in: a CKA matrix keeps at most
+``_KERNEL_BUDGET_BYTES`` of ``n x n`` kernel matrices at once (never fewer than two) and rebuilds the
+others when their pairs come up, and row-wise cosines convert and compare ``_COSINE_CHUNK_ELEMENTS``
+elements at a time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -27,13 +32,30 @@ _DEGENERATE_RTOL = 1e-12
 _DUPLICATE_RTOL = 1e-12
 """Squared distances below this fraction of the rows' squared norms are duplicates blurred by rounding."""
 
+_KERNEL_BUDGET_BYTES = 128 * 2**20
+"""Kernel matrices a CKA matrix may hold at once: sixteen float64 kernels of 1024 tokens.
+
+Holding one kernel per input would grow with the number of layers (252 MB for 30 layers of 1024 tokens,
+671 MB for 80); past this budget kernels are rebuilt instead, trading time for a fixed peak. Building a
+kernel costs more than scoring a pair, so time follows the number of builds: with 16 kernels 30 layers
+take 45 builds instead of 30, with 8 kernels (64 MB) already 80.
+"""
+
+_COSINE_CHUNK_ELEMENTS = 2**20
+"""Elements of each input converted to float64 and compared at once by the row-wise cosines.
+
+``cosine_similarity`` makes several temporaries the size of its inputs, so over whole inputs the
+transient grows with the token count (580 MB measured for 4096 x 4096 float32); per chunk it stays
+near 40 MB.
+"""
+
 
 @dataclass(frozen=True)
 class _GramStats:
-    """The parts of one kernel matrix that every HSIC term needs, computed once per input.
+    """The parts of one kernel matrix that every HSIC term needs, computed once and scored many times.
 
-    ``similarity_matrix`` builds these once per layer and reuses them for all pairs, so a matrix over L
-    layers costs L kernel matrices instead of L (L - 1).
+    ``similarity_matrix`` scores each of these against a whole block of inputs before dropping it, so a
+    matrix over L layers builds about ``L (L + b) / (2 b)`` kernels for blocks of b, not ``L (L - 1)``.
     """
 
     gram: Tensor
@@ -42,21 +64,32 @@ class _GramStats:
     self_hsic: float
 
 
-def _as_rows(x: Tensor, name: str) -> Tensor:
+def _check_rows(x: Tensor, name: str) -> None:
     """Reject anything that is not a row matrix, so a forgotten flatten fails here and not in a matmul."""
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor [n_rows, features], got shape {tuple(x.shape)}")
+
+
+def _as_rows(x: Tensor, name: str) -> Tensor:
+    """A checked row matrix in the float64 every score is computed in."""
+    _check_rows(x, name)
     return x.to(torch.float64)
 
 
-def _check_pair(x: Tensor, y: Tensor, min_rows: int = 1) -> tuple[Tensor, Tensor]:
+def _check_pair_shapes(x: Tensor, y: Tensor, min_rows: int = 1) -> None:
     """Both inputs must describe the same tokens, so their row counts must agree."""
-    x64, y64 = _as_rows(x, "x"), _as_rows(y, "y")
-    if x64.shape[0] != y64.shape[0]:
-        raise ValueError(f"x and y must have the same number of rows, got {x64.shape[0]} and {y64.shape[0]}")
-    if x64.shape[0] < min_rows:
-        raise ValueError(f"this estimator needs at least {min_rows} rows, got {x64.shape[0]}")
-    return x64, y64
+    _check_rows(x, "x")
+    _check_rows(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"this estimator needs at least {min_rows} rows, got {x.shape[0]}")
+
+
+def _check_pair(x: Tensor, y: Tensor, min_rows: int = 1) -> tuple[Tensor, Tensor]:
+    """The checked pair in float64, for the scores that need whole inputs at once."""
+    _check_pair_shapes(x, y, min_rows)
+    return x.to(torch.float64), y.to(torch.float64)
 
 
 def _check_same_width(x: Tensor, y: Tensor) -> None:
@@ -171,11 +204,30 @@ def rbf_cka(x: Tensor, y: Tensor, sigma_scale: float = 1.0) -> float:
     return _cka_from_stats(_gram_stats(_rbf_gram(x64, sigma_scale)), _gram_stats(_rbf_gram(y64, sigma_scale)))
 
 
+def _rows_per_chunk(width: int) -> int:
+    """Rows whose elements fit ``_COSINE_CHUNK_ELEMENTS``; at least one, so any width makes progress."""
+    return max(1, _COSINE_CHUNK_ELEMENTS // max(1, width))
+
+
+def _float64_cosines(x: Tensor, y: Tensor) -> Tensor:
+    """``cosine_similarity`` clamps each norm at its ``eps`` before dividing, so a zero row scores 0."""
+    return torch.nn.functional.cosine_similarity(x.to(torch.float64), y.to(torch.float64), dim=1)
+
+
+def _cosines_in_chunks(x: Tensor, y: Tensor, chunk_rows: int) -> Tensor:
+    """Float64 cosines of ``chunk_rows`` rows at a time, so only the ``[n]`` result grows with n.
+
+    Each row's cosine depends on that row alone, so chunking changes no value.
+    """
+    starts = range(0, x.shape[0], chunk_rows)
+    return torch.cat([_float64_cosines(x[s : s + chunk_rows], y[s : s + chunk_rows]) for s in starts])
+
+
 def _row_cosines(x: Tensor, y: Tensor) -> Tensor:
     """Cosine per token; a zero row counts as orthogonal rather than dividing by zero."""
-    x64, y64 = _check_pair(x, y)
-    _check_same_width(x64, y64)
-    return torch.nn.functional.cosine_similarity(x64, y64, dim=1)
+    _check_pair_shapes(x, y)
+    _check_same_width(x, y)
+    return _cosines_in_chunks(x, y, _rows_per_chunk(x.shape[1]))
 
 
 def mean_cosine(x: Tensor, y: Tensor) -> float:
@@ -257,27 +309,89 @@ def _check_metric(metric: str) -> None:
         )
 
 
-def _pair_scorer(features: Sequence[Tensor], metric: str) -> Callable[[int, int], float]:
-    """Score pairs by index, preparing kernel statistics once per input where the metric allows it."""
-    if metric not in _KERNELS:
-        pair = PAIRWISE_METRICS[metric]
-        return lambda i, j: pair(features[i], features[j])
-    build = _KERNELS[metric]
+_PairScore = tuple[int, int, float]
+"""``(i, j, score)`` for inputs ``i < j``."""
+
+
+def _common_cka_rows(features: Sequence[Tensor]) -> int:
+    """Check every input before any kernel is built, since later inputs are reached only after much work."""
+    for k, f in enumerate(features):
+        _check_rows(f, f"features[{k}]")
     rows = {f.shape[0] for f in features}
     if len(rows) > 1:
         raise ValueError(f"all inputs must have the same number of rows, got {sorted(rows)}")
-    if rows.pop() < MIN_CKA_ROWS:
+    n_rows = rows.pop()
+    if n_rows < MIN_CKA_ROWS:
         raise ValueError(f"CKA needs at least {MIN_CKA_ROWS} rows")
-    stats = [_gram_stats(build(_as_rows(f, f"features[{k}]"))) for k, f in enumerate(features)]
-    return lambda i, j: _cka_from_stats(stats[i], stats[j])
+    return n_rows
+
+
+def _block_size_for(n_rows: int) -> int:
+    """Inputs per block: the budget's kernels less the one streamed past the block, but at least one."""
+    kernels_in_budget = _KERNEL_BUDGET_BYTES // (n_rows * n_rows * torch.float64.itemsize)
+    return max(2, kernels_in_budget) - 1
+
+
+def _kernel_stats(features: Sequence[Tensor], metric: str, k: int) -> _GramStats:
+    """The statistics of input ``k``'s kernel, built afresh each time a block needs them."""
+    return _gram_stats(_KERNELS[metric](_as_rows(features[k], f"features[{k}]")))
+
+
+def _scores_against(
+    block: Sequence[_GramStats], start: int, j: int, other: _GramStats
+) -> Iterator[_PairScore]:
+    """Input ``j`` against every member of the block starting at input ``start``."""
+    for offset, stats in enumerate(block):
+        yield start + offset, j, _cka_from_stats(stats, other)
+
+
+def _block_scores(features: Sequence[Tensor], metric: str, start: int, stop: int) -> Iterator[_PairScore]:
+    """Pairs within inputs ``[start, stop)``, then each later input streamed past them and dropped.
+
+    The block and each streamed kernel live only in this generator's (and its helper's) frame, so they
+    are freed as soon as it finishes: the next kernel or block is never built while these are alive.
+    """
+    block = [_kernel_stats(features, metric, k) for k in range(start, stop)]
+    for offset in range(1, len(block)):
+        yield from _scores_against(block[:offset], start, start + offset, block[offset])
+    for j in range(stop, len(features)):
+        yield from _scores_against(block, start, j, _kernel_stats(features, metric, j))
+
+
+def _kernel_pair_scores(features: Sequence[Tensor], metric: str, block_size: int) -> Iterator[_PairScore]:
+    """Every pair ``i < j`` once, holding at most ``block_size + 1`` kernel statistics at a time.
+
+    Keeping one kernel per input would make memory grow with the number of inputs. Instead consecutive
+    inputs form blocks whose kernels are kept while every later input's kernel is built, scored against
+    the whole block and dropped; later blocks rebuild what they need. Each score is the same
+    ``_cka_from_stats`` of the same two kernels as without blocks, so the results are identical.
+
+    Raises:
+        ValueError: ``block_size`` is below 1, which would leave no room to score a pair.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    for start in range(0, len(features), block_size):
+        yield from _block_scores(features, metric, start, min(start + block_size, len(features)))
+
+
+def _pair_scores(features: Sequence[Tensor], metric: str) -> Iterator[_PairScore]:
+    """Score every pair ``i < j``, through blocks of kernel statistics where the metric has kernels."""
+    if metric in _KERNELS:
+        return _kernel_pair_scores(features, metric, _block_size_for(_common_cka_rows(features)))
+    pair = PAIRWISE_METRICS[metric]
+    count = len(features)
+    return ((i, j, pair(features[i], features[j])) for i in range(count) for j in range(i + 1, count))
 
 
 def similarity_matrix(features: Sequence[Tensor], metric: str) -> Tensor:
     """Symmetric ``[L, L]`` matrix of ``metric`` between every pair of inputs (e.g. layer outputs).
 
     Only the upper triangle is computed and mirrored; the diagonal is 1 by definition, since every
-    metric in ``PAIRWISE_METRICS`` scores a thing with itself as 1. For the CKA metrics one kernel matrix
-    per input is kept in memory: ``L * n^2 * 8`` bytes, so thin the rows with ``sample_rows`` first.
+    metric in ``PAIRWISE_METRICS`` scores a thing with itself as 1. For the CKA metrics the ``n x n``
+    float64 kernel matrices held at once fit ``_KERNEL_BUDGET_BYTES`` (128 MB: 16 kernels of 1024 rows)
+    whatever L is, but never fewer than two (``2 * n^2 * 8`` bytes), plus the transient of building one;
+    kernels that do not fit are rebuilt, so time grows past the budget. Thin the rows with ``sample_rows``.
 
     Args:
         features: one ``[n, features]`` tensor per layer, all with the same rows (tokens).
@@ -294,8 +408,6 @@ def similarity_matrix(features: Sequence[Tensor], metric: str) -> Tensor:
     matrix = torch.eye(count, dtype=torch.float64)
     if count < 2:
         return matrix
-    score = _pair_scorer(features, metric)
-    for i in range(count):
-        for j in range(i + 1, count):
-            matrix[i, j] = matrix[j, i] = score(i, j)
+    for i, j, score in _pair_scores(features, metric):
+        matrix[i, j] = matrix[j, i] = score
     return matrix

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
+from swm_hub import similarity
 from swm_hub.errors import InvalidOptionError
 from swm_hub.similarity import (
     PAIRWISE_METRICS,
@@ -223,3 +227,130 @@ def test_similarity_matrix_checks_rows_for_cka() -> None:
 def test_unknown_metric_names_the_valid_ones() -> None:
     with pytest.raises(InvalidOptionError, match="linear_cka, rbf_cka, cosine, angular"):
         similarity_matrix([random_rows(5, 2, 0)], "pearson")
+
+
+def spread_layers(count: int, n: int = 12, d: int = 5) -> list[Tensor]:
+    """Inputs that drift apart with their index, so every pair has its own score."""
+    base = random_rows(n, d, 0)
+    return [base + 0.4 * k * random_rows(n, d, k + 1) for k in range(count)]
+
+
+def scores_by_pair(scores: Iterator[tuple[int, int, float]]) -> dict[tuple[int, int], float]:
+    """Collect (i, j, score) triples, failing on a pair scored twice."""
+    collected: dict[tuple[int, int], float] = {}
+    for i, j, value in scores:
+        assert (i, j) not in collected, f"pair {(i, j)} scored twice"
+        collected[i, j] = value
+    return collected
+
+
+@pytest.mark.parametrize("metric", ["linear_cka", "rbf_cka"])
+@pytest.mark.parametrize("block_size", [1, 2, 3, 7, 10])
+def test_blocked_cka_scores_every_pair_once_as_the_pairwise_function(metric: str, block_size: int) -> None:
+    features = spread_layers(7)
+    scores = scores_by_pair(similarity._kernel_pair_scores(features, metric, block_size))
+    assert sorted(scores) == [(i, j) for i in range(7) for j in range(i + 1, 7)]
+    for (i, j), value in scores.items():
+        assert value == pytest.approx(PAIRWISE_METRICS[metric](features[i], features[j]), abs=1e-12)
+
+
+def test_blocked_cka_needs_room_for_a_pair() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        list(similarity._kernel_pair_scores(spread_layers(3), "linear_cka", 0))
+
+
+class LiveStatsCounter:
+    """Wraps the kernel-statistics builder and records how many of its results were alive at once."""
+
+    def __init__(self, build: Any) -> None:
+        self.build = build
+        self.alive = 0
+        self.most_alive = 0
+        self.built = 0
+
+    def __call__(self, gram: Tensor) -> Any:
+        stats = self.build(gram)
+        self.built += 1
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(stats, self.release)
+        return stats
+
+    def release(self) -> None:
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("metric", ["linear_cka", "rbf_cka"])
+def test_similarity_matrix_holds_no_more_kernels_than_the_budget(
+    monkeypatch: pytest.MonkeyPatch, metric: str
+) -> None:
+    features = spread_layers(7)
+    expected = similarity_matrix(features, metric)
+    counter = LiveStatsCounter(similarity._gram_stats)
+    monkeypatch.setattr(similarity, "_gram_stats", counter)
+    monkeypatch.setattr(similarity, "_KERNEL_BUDGET_BYTES", 3 * 12 * 12 * 8)
+    matrix = similarity_matrix(features, metric)
+    assert counter.most_alive == 3
+    assert counter.built > 7  # some kernels were rebuilt rather than kept
+    assert counter.alive == 0
+    assert torch.equal(matrix, expected)
+
+
+def test_a_budget_below_two_kernels_still_holds_a_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    features = spread_layers(5)
+    expected = similarity_matrix(features, "linear_cka")
+    counter = LiveStatsCounter(similarity._gram_stats)
+    monkeypatch.setattr(similarity, "_gram_stats", counter)
+    monkeypatch.setattr(similarity, "_KERNEL_BUDGET_BYTES", 1)
+    assert torch.equal(similarity_matrix(features, "linear_cka"), expected)
+    assert counter.most_alive == 2
+
+
+def test_the_default_budget_holds_sixteen_kernels_of_1024_tokens() -> None:
+    assert similarity._block_size_for(1024) + 1 == 16
+    assert similarity._block_size_for(100_000) + 1 == 2
+    assert similarity._block_size_for(16) + 1 > 1000
+
+
+def rows_with_zeros(n: int, d: int) -> tuple[Tensor, Tensor]:
+    """float32 rows with a zero row in x only, in y only and in both, so every zero case is covered."""
+    x, y = random_rows(n, d, 20).float(), random_rows(n, d, 21).float()
+    x[1] = 0.0
+    y[4] = 0.0
+    x[7] = y[7] = 0.0
+    return x, y
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 11, 50])
+def test_chunked_row_cosines_equal_one_whole_cosine_similarity(chunk_rows: int) -> None:
+    x, y = rows_with_zeros(11, 6)
+    whole = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=1)
+    chunked = similarity._cosines_in_chunks(x, y, chunk_rows)
+    assert chunked.dtype == torch.float64
+    assert chunked.shape == (11,)
+    assert torch.allclose(chunked, whole, rtol=0.0, atol=1e-12)
+    assert chunked[1].item() == chunked[4].item() == chunked[7].item() == 0.0
+
+
+def test_row_cosines_convert_and_compare_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = rows_with_zeros(11, 6)
+    expected = float(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=1).mean())
+    seen: list[tuple[int, ...]] = []
+    cosine_similarity = torch.nn.functional.cosine_similarity
+
+    def recording(a: Tensor, b: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+        seen.append(tuple(a.shape))
+        assert a.dtype == b.dtype == torch.float64
+        return cosine_similarity(a, b, dim=dim, eps=eps)
+
+    monkeypatch.setattr(torch.nn.functional, "cosine_similarity", recording)
+    monkeypatch.setattr(similarity, "_COSINE_CHUNK_ELEMENTS", 4 * 6 + 5)
+    assert mean_cosine(x, y) == pytest.approx(expected, abs=1e-12)
+    assert seen == [(4, 6), (4, 6), (3, 6)]
+
+
+def test_rows_wider_than_a_chunk_are_compared_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(similarity, "_COSINE_CHUNK_ELEMENTS", 2)
+    x, y = rows_with_zeros(9, 6)
+    expected = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=1)
+    assert io_redundancy(x, y) == pytest.approx(1.0 - float(expected.mean()), abs=1e-12)
