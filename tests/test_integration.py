@@ -13,10 +13,10 @@ import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -24,10 +24,10 @@ from swm_hub import pipeline
 from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.calibration import TextSource
 from swm_hub.cli import app
-from swm_hub.evaluate import DROP_RULES, perplexity, windows_for_dropped
+from swm_hub.evaluate import DROP_RULES, evaluate, perplexity, windows_for_dropped
 from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import build_merged_model, plan_merge
-from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.merge import build_merged_model, merge, plan_merge
+from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull
 
@@ -66,8 +66,8 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
     calibration tokens to use; anything else is traced for real.
     """
 
-    def pull_shared(source: str, **_kwargs: Any) -> LoadedModel:
-        assert source == "smollm2"
+    def pull_shared(source: str, _revision: str | None, execution: ExecutionOptions) -> LoadedModel:
+        assert source == "smollm2" and execution.mode != "layerwise"
         return smollm2
 
     analyze_module = importlib.import_module("swm_hub.analyze")  # swm_hub.analyze the attribute is a function
@@ -84,7 +84,7 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
             return cached_traces
         return real_trace(model, batches, progress)
 
-    monkeypatch.setattr(pipeline, "pull", pull_shared)
+    monkeypatch.setattr(pipeline, "pull_for", pull_shared)
     monkeypatch.setattr(analyze_module, "trace_calibration", trace_shared)
 
 
@@ -143,3 +143,50 @@ def test_default_merge_beats_dropping_by_block_influence(
         f"drop-bi {drop_ppl:.2f} (dropped {dropped})"
     )
     assert merged_ppl < drop_ppl
+
+
+@pytest.fixture(scope="module")
+def smollm2_safetensors(smollm2: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 saved as safetensors shards: layer-wise execution cannot stream the GGUF it ships as."""
+    folder = tmp_path_factory.mktemp("smollm2-safetensors")
+    smollm2.model.save_pretrained(folder, max_shard_size="200MB")
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_layerwise_compress_and_eval_of_smollm2_equal_whole(
+    smollm2_safetensors: Path, tmp_path: Path
+) -> None:
+    """The real model, streamed one layer at a time, gives the model and the evaluation of a whole run."""
+    options = MergeOptions(target_layers=KEPT, calibration=CalibrationOptions(samples=8, seq_len=128))
+    whole = merge(pull(str(smollm2_safetensors)), tmp_path / "whole", options)
+    layer_wise = merge(pull(str(smollm2_safetensors), execution="layerwise"), tmp_path / "layerwise", options)
+    assert layer_wise.plan.windows == whole.plan.windows
+    expected, got = load_folder_tensors(tmp_path / "whole"), load_folder_tensors(tmp_path / "layerwise")
+    assert got.keys() == expected.keys()
+    worst = max(float((got[name] - tensor).abs().max()) for name, tensor in expected.items())
+    print(f"\nlargest difference between layer-wise and whole merged tensors: {worst:.2e}")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    reports = {
+        mode: evaluate(
+            tmp_path / "whole",
+            TextSource(packaged="heldout"),
+            seq_len=128,
+            blocks=4,
+            baselines=("drop-bi",),
+            execution=ExecutionOptions(mode=mode, device="cpu"),
+        )
+        for mode in ("whole", "layerwise")
+    }
+    for got_row, want_row in zip(reports["layerwise"].rows, reports["whole"].rows, strict=True):
+        assert (got_row.name, got_row.dropped) == (want_row.name, want_row.dropped)
+        assert got_row.perplexity == pytest.approx(want_row.perplexity, rel=1e-4), got_row.name
+
+
+def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
