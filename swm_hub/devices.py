@@ -33,6 +33,10 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+OFFLOAD_TARGETS: tuple[str, ...] = ("cpu", "disk")
+"""Where accelerate's device map puts modules that fit on no GPU; their weights then live outside the model."""
+
+
 def whole_model_device_map(device: str) -> str:
     """The ``device_map`` a whole-model load gets.
 
@@ -40,6 +44,16 @@ def whole_model_device_map(device: str) -> str:
     fits on none, so a model larger than one GPU still loads; on the CPU everything stays in RAM.
     """
     return "auto" if device == "cuda" else device
+
+
+def offloaded_modules(model: torch.nn.Module) -> list[str]:
+    """The modules accelerate offloaded when it spread ``model`` over the GPUs (none on a CPU run).
+
+    Their parameters sit on the meta device while their weights wait in accelerate's offload store: a
+    forward pass works, but nothing can read or save those weights from the model.
+    """
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return sorted(name for name, where in device_map.items() if where in OFFLOAD_TARGETS)
 
 
 def execution_device(device: str) -> torch.device:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from swm_hub.analyze import calibration_batches, traced_calibration
+from swm_hub.architectures import spec_for_config
 from swm_hub.calibration import TextSource, read_text, token_blocks
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError
-from swm_hub.layer_trace import BatchTrace, LogitHead, flat_hidden
+from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
 from swm_hub.layerwise import StreamedLayers, final_hidden_layerwise
-from swm_hub.merge import build_merged_model, calibration_of
+from swm_hub.merge import calibration_of
 from swm_hub.options import ExecutionOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull_for
@@ -164,12 +165,26 @@ class EvalReport:
 
 
 def model_perplexity(
-    loaded: LoadedModel, batches: Sequence[torch.Tensor], progress: bool, label: str
+    loaded: LoadedModel,
+    batches: Sequence[torch.Tensor],
+    progress: bool,
+    label: str,
+    skip: Collection[int] = (),
 ) -> float:
-    """``perplexity`` of a pulled model, whole or layer-wise as it was pulled."""
-    if loaded.streamed is None:
+    """``perplexity`` of a pulled model, whole or layer-wise as it was pulled, with the layers ``skip`` left out.
+
+    A skipped layer passes its input on (or is never loaded, layer-wise) rather than being removed from a
+    copy of the model: no weights are copied, and a model spread over devices by accelerate keeps its
+    placement. Every other layer still gets the call arguments of its own position, so the result equals
+    the model saved without those layers.
+    """
+    if loaded.streamed is not None:
+        keep = [i for i in range(len(loaded.streamed)) if i not in skip]
+        return streamed_perplexity(loaded.model, loaded.streamed, batches, keep, progress, label)
+    spec = spec_for_config(loaded.model.config)
+    layers = decoder_layers(loaded.model, spec)
+    with passing_through([layers[i] for i in skip], spec.layer_output_tuple):
         return perplexity(loaded.model, batches, progress, label)
-    return streamed_perplexity(loaded.model, loaded.streamed, batches, progress=progress, label=label)
 
 
 def baseline_perplexity(
@@ -180,18 +195,9 @@ def baseline_perplexity(
     batches: Sequence[torch.Tensor],
     progress: bool = False,
 ) -> tuple[float, list[int]]:
-    """The perplexity of the base model with as many layers dropped as ``plan`` removed, and those layers.
-
-    A whole model is rebuilt without them, as ``compress --merge drop`` would save it; a layer-wise one is
-    run with them left out.
-    """
+    """The perplexity of the base model with as many layers dropped as ``plan`` removed, and those layers."""
     dropped = DROP_RULES[rule](traces, plan.removed)
-    if base.streamed is not None:
-        keep = [i for i in range(len(base.streamed)) if i not in set(dropped)]
-        return streamed_perplexity(base.model, base.streamed, batches, keep, progress, rule), dropped
-    drop_plan = replace(plan, windows=windows_for_dropped(dropped), merge="drop", method=rule, trials=[])
-    model = build_merged_model(base, drop_plan, traces)
-    return perplexity(model, batches, progress, rule), dropped
+    return model_perplexity(base, batches, progress, rule, skip=dropped), dropped
 
 
 def evaluate(

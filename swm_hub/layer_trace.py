@@ -10,7 +10,7 @@ rebuilding them, keeps this free of per-architecture code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -108,20 +108,30 @@ def trace_batch(model: nn.Module, input_ids: torch.Tensor) -> BatchTrace:
 
 
 @contextmanager
-def _passing_through(layers: nn.ModuleList, output_tuple: bool) -> Iterator[None]:
-    """Make every layer hand its input on unchanged, in the form the model's forward expects back."""
+def passing_through(layers: Iterable[nn.Module], output_tuple: bool) -> Iterator[None]:
+    """Make ``layers`` hand their input on unchanged, in the form the model's forward expects back.
+
+    Running a model with some layers passing through equals running it with those layers removed, since
+    every other layer still gets the call arguments of its own position. A forward already set on the
+    instance (accelerate's device hooks put theirs there) is put back afterwards.
+    """
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
         return (hidden,) if output_tuple else hidden
 
-    for layer in layers:
+    chosen = list(layers)
+    own = [layer.__dict__.get("forward") for layer in chosen]
+    for layer in chosen:
         layer.forward = forward  # an instance attribute shadows the class's forward; hooks still run
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, previous in zip(chosen, own, strict=True):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 @torch.no_grad()
@@ -134,7 +144,7 @@ def record_calls(model: nn.Module, spec: ArchitectureSpec, input_ids: torch.Tens
     layers = decoder_layers(model, spec)
     base = model.base_model
     assert isinstance(base, nn.Module)
-    with _passing_through(layers, spec.layer_output_tuple), _recording(layers) as trace:
+    with passing_through(layers, spec.layer_output_tuple), _recording(layers) as trace:
         base(input_ids=input_ids, use_cache=False)
     return trace
 

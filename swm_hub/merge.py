@@ -41,7 +41,8 @@ from swm_hub.checkpoint import (
 )
 from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.consolidate import MERGE_RULES, consolidate
-from swm_hub.errors import ImpossibleTargetError
+from swm_hub.devices import offloaded_modules
+from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
 from swm_hub.layerwise import StreamedLayers
 from swm_hub.options import CalibrationOptions, MergeOptions
@@ -344,6 +345,7 @@ def merge(
     else:
         layers_to_remove(options, num_layers)
     refuse_existing_output(out, overwrite)
+    _refuse_offloaded(loaded)
     batches: list[torch.Tensor] = []
     if plan is None or MERGE_RULES[plan.merge].refit:
         batches = calibration_batches(loaded.tokenizer, calibration_of(plan, options))
@@ -353,6 +355,17 @@ def merge(
         logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
         report = _similarity_report(loaded, traces, plan) if traces else None
         return write_merged(loaded, plan, traces, out, overwrite, report, progress)
+
+
+def _refuse_offloaded(loaded: LoadedModel) -> None:
+    """A merge saves the weights, which accelerate keeps out of reach once it offloaded them; say so up front."""
+    offloaded = offloaded_modules(loaded.model) if loaded.streamed is None else []
+    if offloaded:
+        raise InvalidOptionError(
+            f"the model does not fit in the GPUs' memory: accelerate offloaded {len(offloaded)} module(s) "
+            f"({', '.join(offloaded[:3])}{', ...' if len(offloaded) > 3 else ''}) to the CPU or disk, where a "
+            "merge cannot read their weights; use --execution layerwise, which needs one layer on the GPU at a time"
+        )
 
 
 def _similarity_report(

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import TINY_LAYERS, build_tiny_model
 
 from swm_hub.evaluate import (
     DROP_RULES,
     drop_by_angular_distance,
     drop_by_block_influence,
+    model_perplexity,
     perplexity,
     windows_for_dropped,
 )
 from swm_hub.layer_trace import BatchTrace
+from swm_hub.merge import build_merged_model
+from swm_hub.plan import MergePlan
+from swm_hub.pull import pull
 
 WIDTH = 8
 
@@ -107,3 +113,39 @@ def test_drop_rules_are_registered() -> None:
 )
 def test_windows_for_dropped(dropped: list[int], windows: list[tuple[int, int]]) -> None:
     assert windows_for_dropped(dropped) == windows
+
+
+# --- skipping layers equals removing them ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2", "gpt2"])
+def test_skipping_layers_equals_the_model_saved_without_them(
+    model_type: str, tiny_model_dir: Callable[[str], Path]
+) -> None:
+    """Gemma 2 alternates attention types by position; the skipped model must keep each kept layer's own."""
+    loaded = pull(str(tiny_model_dir(model_type)))
+    dropped = [2, 4]
+    plan = MergePlan(
+        model="tiny",
+        base_model=None,
+        revision=None,
+        model_type=model_type,
+        num_layers=TINY_LAYERS,
+        windows=windows_for_dropped(dropped),
+        method="drop-bi",
+        score="cosine",
+        criterion="absolute",
+        merge="drop",
+        ridge=0.3,
+        threshold=None,
+        target={},
+        calibration={},
+    )
+    generator = torch.Generator().manual_seed(6)
+    batches = [torch.randint(0, 300, (2, 16), generator=generator) for _ in range(2)]
+    removed = perplexity(build_merged_model(loaded, plan, []), batches)
+    skipped = model_perplexity(loaded, batches, progress=False, label="", skip=dropped)
+    assert skipped == pytest.approx(removed, rel=1e-6)
+    assert skipped != pytest.approx(model_perplexity(loaded, batches, progress=False, label=""), rel=1e-4)
+    layers = loaded.model.base_model.get_submodule("layers" if model_type != "gpt2" else "h")
+    assert not any("forward" in vars(layer) for layer in layers)  # the skip is undone

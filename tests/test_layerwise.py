@@ -335,3 +335,22 @@ def test_save_dtype_is_the_narrower_of_run_and_checkpoint(
 ) -> None:
     loaded = pull(str(tiny_model_dir("llama")), dtype=run)
     assert dataclasses.replace(loaded, checkpoint_dtype=stored).save_dtype == saved
+
+
+def test_a_merge_of_a_model_offloaded_by_accelerate_is_refused_up_front(
+    tiny_model_dir: Callable[[str], Path], calibration: CalibrationOptions, tmp_path: Path
+) -> None:
+    """On GPUs too small for the model, accelerate parks modules on the CPU as meta parameters: no merge can save them."""
+    loaded = pull(str(tiny_model_dir("llama")))
+    assert devices.offloaded_modules(loaded.model) == []
+    loaded.model.hf_device_map = {
+        "model.embed_tokens": 0,
+        **{f"model.layers.{i}": 0 if i < 2 else "cpu" for i in range(TINY_LAYERS)},
+        "lm_head": "disk",
+    }
+    with pytest.raises(
+        InvalidOptionError,
+        match=r"offloaded 5 module\(s\) \(lm_head, model.layers.2, model.layers.3, \.\.\.\).*--execution layerwise",
+    ):
+        merge(loaded, tmp_path / "out", MergeOptions(target_layers=TARGET, calibration=calibration))
+    assert not (tmp_path / "out").exists()
