@@ -157,6 +157,19 @@ def run_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, calls: Sequenc
     return hidden
 
 
+def apply_layer(
+    layer: nn.Module, position: int, hidden: Sequence[torch.Tensor], calls: Sequence[Sequence[LayerCall]]
+) -> list[torch.Tensor]:
+    """Run one layer over every batch, with each batch's call arguments of ``position``.
+
+    Layer by layer over all batches rather than batch by batch through all layers, so that a layer loaded
+    from disk is loaded once.
+    """
+    return [
+        run_layers([layer], h, [batch_calls[position]]) for h, batch_calls in zip(hidden, calls, strict=True)
+    ]
+
+
 class LogitHead:
     """Turns a last-layer hidden state into logits, as the model's own forward does after its layers."""
 

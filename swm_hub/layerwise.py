@@ -31,7 +31,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
 from swm_hub.checkpoint import build_skeleton
 from swm_hub.errors import CorruptWeightsError
-from swm_hub.layer_trace import BatchTrace, LayerCall, decoder_layers, record_calls, run_layers
+from swm_hub.layer_trace import BatchTrace, LayerCall, apply_layer, decoder_layers, record_calls
 from swm_hub.shards import CheckpointReader
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def trace_layerwise(
     current, calls = _layer_inputs(model, layers, batches)
     cache.save(0, current)
     for index in tqdm(range(len(layers)), desc="calibration (layer-wise)", disable=not progress, leave=False):
-        current = _apply_layer(layers[index], index, current, calls)
+        current = apply_layer(layers[index], index, current, calls)
         cache.save(index + 1, current)
     positions = len(layers) + 1
     return [
@@ -240,7 +240,7 @@ def final_hidden_layerwise(
     """
     current, calls = _layer_inputs(model, layers, batches)
     for index in tqdm(keep, desc=label, disable=not progress, leave=False):
-        current = _apply_layer(layers[index], index, current, calls)
+        current = apply_layer(layers[index], index, current, calls)
     return current
 
 
@@ -255,11 +255,3 @@ def _layer_inputs(
     spec = spec_for_config(model.config)
     first = [record_calls(model, spec, batch.to(layers.device)) for batch in batches]
     return [trace.hidden[0] for trace in first], [trace.calls for trace in first]
-
-
-def _apply_layer(
-    layer: nn.Module, index: int, hidden: Sequence[torch.Tensor], calls: Sequence[Sequence[LayerCall]]
-) -> list[torch.Tensor]:
-    return [
-        run_layers([layer], h, [batch_calls[index]]) for h, batch_calls in zip(hidden, calls, strict=True)
-    ]

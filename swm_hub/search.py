@@ -32,7 +32,7 @@ from tqdm.auto import tqdm, trange
 from swm_hub.architectures import ArchitectureSpec
 from swm_hub.consolidate import MergeRule, consolidate
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
-from swm_hub.layer_trace import BatchTrace, LogitHead, flat_hidden, run_layers
+from swm_hub.layer_trace import BatchTrace, LogitHead, apply_layer, flat_hidden
 
 Window = tuple[int, int]
 LayerRef = nn.Module | int
@@ -142,12 +142,10 @@ class WindowSearch:
             else consolidate(ctx.layers, ctx.spec, ctx.traces, low, high, ctx.rule, ctx.ridge)
         )
         traces = ctx.reference.traces
+        calls = [trace.calls for trace in traces]
         hidden = [trace.hidden[low] for trace in traces]
         for ref, position in [(lowest, low), *above]:
-            layer = ctx.layers[ref] if isinstance(ref, int) else ref
-            hidden = [
-                run_layers([layer], h, [t.calls[position]]) for h, t in zip(hidden, traces, strict=True)
-            ]
+            hidden = apply_layer(ctx.layers[ref] if isinstance(ref, int) else ref, position, hidden, calls)
         return [h[:, ctx.reference.positions] for h in hidden]
 
     def similarity(self, committed: tuple[Window, ...], low: int, high: int, above: Above) -> float:
