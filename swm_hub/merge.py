@@ -261,9 +261,13 @@ def _save_streamed(
     # so writing them last keeps them out of memory while the layers are consolidated.
     names = sorted(untied_state_keys(skeleton), key=lambda name: not name.startswith(prefix))
     specs = [TensorSpec(name, tuple(state[name].shape), state[name].dtype) for name in names]
-    tensors = _merged_tensors(loaded, layers, plan, traces, names)
     tensors = tqdm(
-        tensors, desc="writing", total=len(names), unit="tensor", disable=not progress, leave=False
+        _merged_tensors(loaded, layers, plan, traces, specs),
+        desc="writing",
+        total=len(specs),
+        unit="tensor",
+        disable=not progress,
+        leave=False,
     )
     save_streamed_folder(folder, skeleton, specs, tensors, loaded.tokenizer, extra_files=extra)
     verify_folder_headers(folder, plan.layers_after)
@@ -275,11 +279,10 @@ def _merged_tensors(
     layers: StreamedLayers,
     plan: MergePlan,
     traces: Sequence[BatchTrace],
-    names: Sequence[str],
+    specs: Sequence[TensorSpec],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The merged model's tensors under ``names``, one layer in memory at a time (plus the skeleton's own)."""
+    """The merged model's tensors as ``specs`` name and type them, one layer in memory at a time."""
     spec = spec_for_config(loaded.model.config)
-    dtype = loaded.save_dtype
     outer = loaded.model.state_dict()
     kept = kept_layers(plan.num_layers, plan.windows)
     window_top = dict(plan.windows)
@@ -287,9 +290,9 @@ def _merged_tensors(
     prefix = f"{spec.layers_path}."
     position = -1
     tensors: dict[str, torch.Tensor] = {}
-    for name in names:
+    for name, dtype in ((planned.name, planned.dtype) for planned in specs):
         if not name.startswith(prefix):
-            yield name, _saved(outer[name], dtype)
+            yield name, outer[name].to(dtype)
             continue
         number, _, rest = name[len(prefix) :].partition(".")
         if int(number) != position:
@@ -303,7 +306,7 @@ def _merged_tensors(
             )
             tensors = layer.state_dict()
             del layer
-        yield name, _saved(tensors[rest], dtype)
+        yield name, tensors[rest].to(dtype)
 
 
 def _saved(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

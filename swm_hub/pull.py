@@ -572,8 +572,7 @@ def _streamable_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
     if not _has_safetensors(source):
         return None
     reader = CheckpointReader(source.path)
-    element = torch.empty(0, dtype=dtype).element_size()
-    return sum(math.prod(reader.spec(name).shape) * element for name in reader.names)
+    return sum(math.prod(reader.spec(name).shape) * dtype.itemsize for name in reader.names)
 
 
 def _check_streamable(source: ModelSource) -> None:

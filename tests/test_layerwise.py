@@ -268,7 +268,6 @@ def test_layerwise_perplexity_equals_whole(
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_layerwise_evaluation_reports_what_whole_evaluation_reports(
     model_type: str,
-    streamed: Callable[[str], LoadedModel],
     tiny_model_dir: Callable[[str], Path],
     calibration: CalibrationOptions,
     tmp_path: Path,
