@@ -49,7 +49,7 @@ from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel
 from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
-from swm_hub.shards import TensorSpec
+from swm_hub.shards import TensorSpec, cast_floating
 
 if TYPE_CHECKING:
     from swm_hub.evaluate import EvalReport
@@ -190,7 +190,7 @@ def build_merged_model(
     config = rewrite_config(model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
     state = merged_state_dict(loaded, spec, plan, traces)
     if dtype is not None:
-        state = {name: _saved(tensor, dtype) for name, tensor in state.items()}
+        state = {name: cast_floating(tensor, dtype) for name, tensor in state.items()}
     merged = build_model(config, state)
     merged.generation_config = model.generation_config
     merged.train(False)
@@ -307,11 +307,6 @@ def _merged_tensors(
             tensors = layer.state_dict()
             del layer
         yield name, tensors[rest].to(dtype)
-
-
-def _saved(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A floating tensor in the precision of the output; integer buffers as they are."""
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def calibration_of(plan: MergePlan | None, options: MergeOptions) -> CalibrationOptions:

@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointReader",
     "StreamingShardWriter",
     "TensorSpec",
+    "cast_floating",
     "plan_shards",
 ]
 
@@ -148,7 +149,7 @@ class CheckpointReader:
         for path, pairs in by_file.items():
             with safe_open(str(path), framework="pt", device=target) as handle:
                 for name, stored in pairs:
-                    out[name] = _cast(handle.get_tensor(stored), dtype)
+                    out[name] = cast_floating(handle.get_tensor(stored), dtype)
         return {name: out[name] for name in wanted}
 
     def _resolve(self, name: str) -> tuple[Path, TensorSpec] | None:
@@ -244,7 +245,8 @@ def _check_index_matches(
             )
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` if it is floating (weights); integer and bool buffers keep their own dtype."""
     if dtype is None or not tensor.is_floating_point():
         return tensor
     return tensor.to(dtype)
