@@ -41,9 +41,6 @@ class ArchitectureSpec:
             differ by up to 1e-4 (sums in another order), so 1e-3 leaves room for larger models while a wrong
             mask or cache still fails by orders of magnitude.
         onnx_atol_fp16: the same tolerance for float16 exports (float16 steps are 0.016 between 16 and 32).
-        layer_output_tuple: whether a decoder layer returns a tuple whose first item is the hidden state
-            (the model's forward then reads ``outputs[0]``) rather than the tensor itself; layer-wise
-            execution stands in for the layers while recording their call arguments and must answer alike.
     """
 
     layers_path: str
@@ -58,7 +55,6 @@ class ArchitectureSpec:
     onnx_supported: bool = True
     onnx_atol: float = 1e-3
     onnx_atol_fp16: float = 1e-1
-    layer_output_tuple: bool = False
 
 
 _LLAMA_LIKE = ArchitectureSpec(layers_path="model.layers", final_norm_path="model.norm")
@@ -81,7 +77,6 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         layer_indexed_fields=("layer_types",),
         logit_softcap_key="final_logit_softcapping",
         mlp_out_path=None,
-        layer_output_tuple=True,
     ),
     "gemma3_text": ArchitectureSpec(
         layers_path="model.layers",
@@ -90,20 +85,17 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         pattern_fields=("_sliding_window_pattern", "sliding_window_pattern"),
         logit_softcap_key="final_logit_softcapping",
         mlp_out_path=None,
-        layer_output_tuple=True,
     ),
     "gpt2": ArchitectureSpec(
         layers_path="transformer.h",
         final_norm_path="transformer.ln_f",
         count_key="n_layer",
         mlp_out_path="mlp.c_proj",
-        layer_output_tuple=True,
     ),
     "gpt_neox": ArchitectureSpec(
         layers_path="gpt_neox.layers",
         final_norm_path="gpt_neox.final_layer_norm",
         mlp_out_path="mlp.dense_4h_to_h",
-        layer_output_tuple=True,
     ),
 }
 

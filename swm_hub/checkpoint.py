@@ -14,6 +14,7 @@ import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
 
 from swm_hub.architectures import spec_for_config
 from swm_hub.config_rewrite import check_kept
@@ -37,6 +40,7 @@ __all__ = [
     "save_model_folder",
     "save_streamed_folder",
     "state_dict_for",
+    "stored_tensor_names",
     "untied_state_keys",
     "verify_folder_headers",
     "verify_folder_loads",
@@ -170,8 +174,41 @@ def build_skeleton(config_dict: dict[str, Any], dtype: torch.dtype | None = None
     config = AutoConfig.for_model(**config_dict)
     with init_empty_weights(include_buffers=False):
         model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
-    model.tie_weights()  # type: ignore[no-untyped-call]
+    model.tie_weights()
     return model
+
+
+@dataclass(frozen=True)
+class StoredTensorNames:
+    """How transformers 5 renames tensors between a checkpoint and the model, in both directions.
+
+    ``from_pretrained`` renames some stored tensors on load (GPT-NeoX: ``embed_out.weight`` becomes
+    ``lm_head.weight``) and ``save_pretrained`` renames them back. Layer-wise execution reads and writes the
+    shards itself, so it applies the same renamings, taken from transformers, to stay interchangeable with
+    a whole-model load and save.
+    """
+
+    loading: tuple[WeightRenaming, ...]
+    saving: tuple[WeightRenaming, ...]
+
+    def model_name(self, stored: str) -> str:
+        """The state-dict key of a tensor stored as ``stored``."""
+        return str(apply_renamings(stored, list(self.loading)))
+
+    def stored_name(self, name: str) -> str:
+        """The name ``save_pretrained`` stores the state-dict key ``name`` under."""
+        return str(apply_renamings(name, list(self.saving)))
+
+
+def stored_tensor_names(model: PreTrainedModel) -> StoredTensorNames:
+    """The renamings of ``model``'s class; a checkpoint written before transformers 5 loads with them too."""
+    loading = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    saving = [
+        t.reverse_transform()
+        for t in get_model_conversion_mapping(model, add_legacy=False)[::-1]
+        if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)
+    ]
+    return StoredTensorNames(tuple(loading), tuple(t for t in saving if isinstance(t, WeightRenaming)))
 
 
 def build_model(config_dict: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
@@ -181,7 +218,7 @@ def build_model(config_dict: dict[str, Any], state_dict: Mapping[str, torch.Tens
     """
     model = build_skeleton(config_dict)
     result = model.load_state_dict(dict(state_dict), strict=False, assign=True)
-    model.tie_weights()  # type: ignore[no-untyped-call]
+    model.tie_weights()
     _check_loaded(model, result.unexpected_keys)
     model.train(False)
     return model
@@ -237,9 +274,11 @@ def save_streamed_folder(
     ``tensors`` must yield the names of ``specs`` in order, each tensor written to its shard at once.
     """
     folder = Path(folder)
-    with StreamingShardWriter(folder, specs, max_shard_bytes) as writer:
+    names = stored_tensor_names(model)
+    stored = [TensorSpec(names.stored_name(spec.name), spec.shape, spec.dtype) for spec in specs]
+    with StreamingShardWriter(folder, stored, max_shard_bytes) as writer:
         for name, tensor in tensors:
-            writer.write(name, tensor)
+            writer.write(names.stored_name(name), tensor)
     model.config.save_pretrained(folder)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
@@ -301,8 +340,9 @@ def verify_folder_headers(folder: Path, expected_layers: int) -> None:
         raise CorruptWeightsError(folder, f"its config does not load: {error}") from error
     state = model.state_dict()
     expected = {key: tuple(state[key].shape) for key in untied_state_keys(model)}
+    names = stored_tensor_names(model)
     reader = CheckpointReader(folder)
-    found = {name: reader.spec(name).shape for name in reader.names}
+    found = {names.model_name(name): reader.spec(name).shape for name in reader.names}
     mismatched = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
     problems = {
         "missing_keys": sorted(expected.keys() - found.keys()),

@@ -183,7 +183,7 @@ def model_perplexity(
         return streamed_perplexity(loaded.model, loaded.streamed, batches, keep, progress, label)
     spec = spec_for_config(loaded.model.config)
     layers = decoder_layers(loaded.model, spec)
-    with passing_through([layers[i] for i in skip], spec.layer_output_tuple):
+    with passing_through([layers[i] for i in skip]):
         return perplexity(loaded.model, batches, progress, label)
 
 

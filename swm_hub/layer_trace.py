@@ -38,11 +38,10 @@ def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
 
 
 def hidden_of(output: Any) -> torch.Tensor:
-    """The hidden state a decoder layer returned: a tensor, or the first item of a tuple (GPT-2, Gemma)."""
-    hidden = output[0] if isinstance(output, tuple) else output
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"a decoder layer returned {type(hidden).__name__}, not a tensor")
-    return hidden
+    """The hidden state a decoder layer returned, checked: transformers 5 layers return the tensor alone."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"a decoder layer returned {type(output).__name__}, not a tensor")
+    return output
 
 
 @dataclass
@@ -108,8 +107,8 @@ def trace_batch(model: nn.Module, input_ids: torch.Tensor) -> BatchTrace:
 
 
 @contextmanager
-def passing_through(layers: Iterable[nn.Module], output_tuple: bool) -> Iterator[None]:
-    """Make ``layers`` hand their input on unchanged, in the form the model's forward expects back.
+def passing_through(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Make ``layers`` hand their input on unchanged (transformers 5 layers return the hidden state alone).
 
     Running a model with some layers passing through equals running it with those layers removed, since
     every other layer still gets the call arguments of its own position. A forward already set on the
@@ -117,8 +116,7 @@ def passing_through(layers: Iterable[nn.Module], output_tuple: bool) -> Iterator
     """
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) if output_tuple else hidden
+        return args[0] if args else kwargs["hidden_states"]
 
     chosen = list(layers)
     own = [layer.__dict__.get("forward") for layer in chosen]
@@ -144,7 +142,7 @@ def record_calls(model: nn.Module, spec: ArchitectureSpec, input_ids: torch.Tens
     layers = decoder_layers(model, spec)
     base = model.base_model
     assert isinstance(base, nn.Module)
-    with passing_through(layers, spec.layer_output_tuple), _recording(layers) as trace:
+    with passing_through(layers), _recording(layers) as trace:
         base(input_ids=input_ids, use_cache=False)
     return trace
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
-from swm_hub.checkpoint import build_skeleton
+from swm_hub.checkpoint import build_skeleton, stored_tensor_names
 from swm_hub.errors import CorruptWeightsError
 from swm_hub.layer_trace import BatchTrace, LayerCall, apply_layer, decoder_layers, record_calls
 from swm_hub.shards import CheckpointReader
@@ -118,11 +118,12 @@ def load_skeleton(
     """
     spec = spec_for_config(config)
     model = build_skeleton(config.to_dict(), dtype)
-    reader = CheckpointReader(folder, strip_prefix=model.base_model_prefix)
+    names = stored_tensor_names(model)
+    reader = CheckpointReader(folder, strip_prefix=model.base_model_prefix, model_name=names.model_name)
     outer = [name for name in model.state_dict() if not _in_layers(name, spec)]
     present = [name for name in outer if reader.has(name)]
     model.load_state_dict(reader.read(present, dtype=dtype, device=device), strict=False, assign=True)
-    model.tie_weights()  # type: ignore[no-untyped-call]
+    model.tie_weights()
     _check_outer_loaded(model, spec, folder)
     for name, _buffer in list(model.named_buffers()):
         if not _in_layers(name, spec):

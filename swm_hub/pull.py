@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import gguf
-import requests
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     DisabledRepoError,
     GatedRepoError,
@@ -54,6 +53,7 @@ from swm_hub.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from swm_hub.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
 from swm_hub.layer_trace import decoder_layers
 from swm_hub.layerwise import StreamedLayers, load_skeleton
 from swm_hub.options import ExecutionOptions
@@ -94,40 +94,38 @@ HUB_BIN_PATTERNS: tuple[str, ...] = ("pytorch_model*.bin",)
 _GGUF_PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, IndexError, KeyError, OverflowError, OSError)
 
 # Errors ``snapshot_download`` raises for a name, a permission, a revision or a network a user can fix.
+# LocalEntryNotFoundError (not an HTTP error since huggingface_hub 1.0) is how it says that it could not ask
+# the Hub and the files are not in the cache; the error it is raised from says why.
 _HUB_ERRORS: tuple[type[Exception], ...] = (
     HFValidationError,
-    HfHubHTTPError,
+    LocalEntryNotFoundError,
     LocalTokenNotFoundError,
     OfflineModeIsEnabled,
-    requests.exceptions.RequestException,
+    *HTTP_ERRORS,
 )
-_OFFLINE = (
-    "you are offline (HF_HUB_OFFLINE is set) and {repo_id} is not in the local Hub cache: unset "
-    "HF_HUB_OFFLINE, or give a local folder or .gguf file"
-)
-_UNREACHABLE = (
-    "cannot reach the Hub (network, proxy or SSL problem) and {repo_id} is not in the local Hub cache: "
-    "check your connection, proxy and HF_ENDPOINT"
-)
+_NOT_CACHED = "{repo_id} is not in the local Hub cache"
+_UNASKED = "the Hub could not be asked and " + _NOT_CACHED + ": check your connection and HF_ENDPOINT"
 # Most specific first: GatedRepoError is a RepositoryNotFoundError, and both are HfHubHTTPError.
 _HUB_REASONS: tuple[tuple[type[Exception], str], ...] = (
     (
         GatedRepoError,
         "{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}, then log in with "
-        "`huggingface-cli login` (or pass a token)",
+        "`hf auth login` (or set HF_TOKEN)",
     ),
     (
         RepositoryNotFoundError,
         "there is no repository {repo_id} on the Hub: check the id; if it is private, log in with "
-        "`huggingface-cli login` (or pass a token)",
+        "`hf auth login` (or set HF_TOKEN)",
     ),
     (RevisionNotFoundError, "{repo_id} has no revision {revision!r}: check the branch, tag or commit"),
     (DisabledRepoError, "{repo_id} has been disabled on the Hub and cannot be downloaded"),
     (HFValidationError, "{repo_id!r} is not a valid Hub id: write org/name or org/name@revision"),
-    (LocalTokenNotFoundError, "no Hub token found: log in with `huggingface-cli login` or set HF_TOKEN"),
-    (OfflineModeIsEnabled, _OFFLINE),
-    (requests.exceptions.ConnectionError, _UNREACHABLE),
-    (requests.exceptions.Timeout, _UNREACHABLE),
+    (LocalTokenNotFoundError, "no Hub token found: log in with `hf auth login` or set HF_TOKEN"),
+    (
+        OfflineModeIsEnabled,
+        "you are offline (HF_HUB_OFFLINE is set) and " + _NOT_CACHED + ": unset HF_HUB_OFFLINE, or give a "
+        "local folder or .gguf file",
+    ),
 )
 
 
@@ -412,29 +410,38 @@ def _snapshot(repo_id: str, revision: str | None, token: str | None, patterns: S
 
 
 def _hub_failure_reason(exc: BaseException, repo_id: str, revision: str | None) -> str:
-    """What went wrong with the Hub and what to do, decided by the exception's type alone."""
-    if isinstance(exc, LocalEntryNotFoundError):
-        # Raised when the Hub could not be asked; its cause says why (offline mode, network, HTTP status).
-        cause = exc.__cause__
-        return (
-            _hub_failure_reason(cause, repo_id, revision)
-            if cause is not None
-            else _UNREACHABLE.format(repo_id=repo_id)
-        )
+    """What went wrong with the Hub and what to do, decided by exception types alone.
+
+    The chain is read down to the first error that says more than "not in the cache": the
+    ``LocalEntryNotFoundError`` of ``snapshot_download`` is raised from the one that kept it from the Hub.
+    """
+    for error in chain(exc):
+        reason = _known_reason(error, repo_id, revision)
+        if reason is not None:
+            return reason
+    return _UNASKED.format(repo_id=repo_id)
+
+
+def _known_reason(error: BaseException, repo_id: str, revision: str | None) -> str | None:
     for error_type, template in _HUB_REASONS:
-        if isinstance(exc, error_type):
+        if isinstance(error, error_type):
             return template.format(repo_id=repo_id, revision=revision or "main")
-    if isinstance(exc, HfHubHTTPError):
-        return _http_reason(exc)
-    return _UNREACHABLE.format(repo_id=repo_id)
+    transport = transport_reason(error, constants.ENDPOINT)
+    if transport is not None:
+        return f"{transport}; {_NOT_CACHED.format(repo_id=repo_id)}"
+    status = http_status(error)
+    return _http_reason(status, repo_id) if status is not None else None
 
 
-def _http_reason(exc: HfHubHTTPError) -> str:
-    """A reason for an HTTP failure the Hub did not type more precisely (bad token, server trouble)."""
-    status = getattr(exc.response, "status_code", None)
+def _http_reason(status: int, repo_id: str) -> str:
+    """A reason for an HTTP failure the Hub did not type more precisely (bad token, permission, trouble)."""
     if status == 401:
-        return "the Hub refused the token (HTTP 401): log in again with `huggingface-cli login` or pass a valid token"
-    return f"the Hub answered HTTP {status}: try again later"
+        return "the Hub refused the token (HTTP 401): log in again with `hf auth login` or set HF_TOKEN to a valid token"
+    if status == 403:
+        return f"the Hub refused access to {repo_id} (HTTP 403): use a token that may read it (`hf auth login`)"
+    if status >= 500:
+        return f"the Hub answered HTTP {status}: try again later"
+    return f"the Hub answered HTTP {status} for {repo_id}"
 
 
 def _check_model_folder(folder: Path, source: str, where: str) -> None:
@@ -555,7 +562,7 @@ def _check_safetensors_headers(source: ModelSource) -> None:
 def _load_tokenizer(source: ModelSource, config: PretrainedConfig) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the model (or embedded in the GGUF file); ``config`` spares a GGUF re-parse."""
     try:
-        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             source.path, config=config, gguf_file=source.gguf_file
         )
     except (OSError, ValueError) as exc:
@@ -599,7 +606,21 @@ def _load_weights(
     except (SafetensorError, OSError) as exc:
         detail = exc.__cause__ or exc
         raise CorruptWeightsError(_files_of(source), f"the weights cannot be read ({detail})") from exc
+    if source.gguf_file is not None:
+        _forget_gguf_quantization(model)
     return model
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """Make a de-quantized GGUF model an ordinary float model, so that ``save_pretrained`` writes it.
+
+    transformers 5 keeps a GGUF quantizer on the model after de-quantizing every tensor to ``dtype``, and
+    refuses to save a model that has one ("quantized with gguf and is not serializable"). The weights in
+    memory are plain floats; only that record is wrong.
+    """
+    model.hf_quantizer = None  # type: ignore[assignment]  # not a declared attribute, so nn.Module types it
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def _files_of(source: ModelSource) -> Path:

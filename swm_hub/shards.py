@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -83,13 +83,18 @@ class TensorSpec:
 class CheckpointReader:
     """Named tensors of a model folder's safetensors files, read on demand."""
 
-    def __init__(self, folder: Path, strip_prefix: str = "") -> None:
+    def __init__(
+        self, folder: Path, strip_prefix: str = "", model_name: Callable[[str], str] | None = None
+    ) -> None:
         """Find the weight files and parse their headers; no tensor data is read here.
 
         Args:
             folder: a model folder holding ``model.safetensors`` or a sharded checkpoint with its index.
             strip_prefix: the model's ``base_model_prefix``; a state-dict key missing from the checkpoint is
                 looked up again without it, because some Hub checkpoints (GPT-2) store the base model's keys.
+            model_name: the name the model gives a stored tensor, where transformers renames it on load
+                (GPT-NeoX stores ``embed_out.weight`` for the model's ``lm_head.weight``); a state-dict key
+                missing from the checkpoint is looked up under its stored name.
 
         Raises:
             CorruptWeightsError: no safetensors weights, or an index or header that cannot be parsed.
@@ -103,6 +108,8 @@ class CheckpointReader:
                 self._locations[spec.name] = (path, spec)
         if weight_map is not None:
             _check_index_matches(self.folder, weight_map, self._locations)
+        renamed = {stored: model_name(stored) for stored in self._locations} if model_name else {}
+        self._stored_as = {name: stored for stored, name in renamed.items() if name != stored}
 
     @property
     def files(self) -> list[Path]:
@@ -153,8 +160,8 @@ class CheckpointReader:
         return {name: out[name] for name in wanted}
 
     def _resolve(self, name: str) -> tuple[Path, TensorSpec] | None:
-        """The file and stored spec for a state-dict key, trying the key without ``strip_prefix`` second."""
-        found = self._locations.get(name)
+        """The file and stored spec for a state-dict key: as named, by its stored name, or without the prefix."""
+        found = self._locations.get(self._stored_as.get(name, name))
         prefix = f"{self.strip_prefix}."
         if found is None and self.strip_prefix and name.startswith(prefix):
             found = self._locations.get(name[len(prefix) :])
