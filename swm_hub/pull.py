@@ -13,6 +13,8 @@ import importlib.util
 import json
 import logging
 import math
+import pickle
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,6 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     DisabledRepoError,
     GatedRepoError,
-    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
@@ -91,7 +92,16 @@ HUB_PATTERNS: tuple[str, ...] = ("*.json", "*.txt", "*.model", SAFETENSORS_GLOB)
 HUB_BIN_PATTERNS: tuple[str, ...] = ("pytorch_model*.bin",)
 
 # What a GGUF parser raises on bytes that are not a GGUF file (found by truncating and flipping a real one).
-_GGUF_PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, IndexError, KeyError, OverflowError, OSError)
+_GGUF_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    OSError,
+    struct.error,
+)
+# What torch.load raises on a .bin that is not a pickle of tensors (its safe loader, torch >= 2.6).
+_BIN_LOAD_ERRORS: tuple[type[Exception], ...] = (pickle.UnpicklingError, EOFError)
 
 # Errors ``snapshot_download`` raises for a name, a permission, a revision or a network a user can fix.
 # LocalEntryNotFoundError (not an HTTP error since huggingface_hub 1.0) is how it says that it could not ask
@@ -438,7 +448,9 @@ def _http_reason(status: int, repo_id: str) -> str:
     if status == 401:
         return "the Hub refused the token (HTTP 401): log in again with `hf auth login` or set HF_TOKEN to a valid token"
     if status == 403:
-        return f"the Hub refused access to {repo_id} (HTTP 403): use a token that may read it (`hf auth login`)"
+        return (
+            f"the Hub refused access to {repo_id} (HTTP 403): use a token that may read it (`hf auth login`)"
+        )
     if status >= 500:
         return f"the Hub answered HTTP {status}: try again later"
     return f"the Hub answered HTTP {status} for {repo_id}"
@@ -603,8 +615,8 @@ def _load_weights(
             dtype=dtype,
             device_map=whole_model_device_map(device),
         )
-    except (SafetensorError, OSError) as exc:
-        detail = exc.__cause__ or exc
+    except (SafetensorError, OSError, *_BIN_LOAD_ERRORS) as exc:
+        detail = str(exc.__cause__ or exc).strip().splitlines()[0]  # torch's unpickling advice runs for lines
         raise CorruptWeightsError(_files_of(source), f"the weights cannot be read ({detail})") from exc
     if source.gguf_file is not None:
         _forget_gguf_quantization(model)

@@ -7,8 +7,9 @@ with the repository id and uploaded from there. Hidden files and temporary files
 ``--dry-run`` shows exactly what a push would send, without a token or a network call.
 
 Every failure leaves as a ``PushError`` (or its ``PushPermissionError`` / ``MissingTokenError`` kin) whose
-message says what to do and carries the exact command that retries; the token is never part of a message
-or a log line.
+message says what to do and carries the exact command that retries, spelt the way the user runs swm-hub
+(``swm-hub push ...``, or ``hf swm push ...`` through the ``hf`` CLI); the token is never part of a message,
+a log line, or the messages of the errors it is raised from (which a debug traceback prints).
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RevisionNotFoundError,
+)
 
 from swm_hub.errors import (
     InvalidOptionError,
@@ -32,10 +39,19 @@ from swm_hub.errors import (
     SwmHubError,
     UnknownModelError,
 )
+from swm_hub.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
 from swm_hub.model_cards import CARD_FILE, build_context, default_repo_name, render_context
 from swm_hub.plan import PLAN_FILE, MergePlan
 
-__all__ = ["PushResult", "UploadFile", "default_repo_id", "push", "retry_command", "upload_files"]
+__all__ = [
+    "PushResult",
+    "UploadFile",
+    "default_repo_id",
+    "program_name",
+    "push",
+    "retry_command",
+    "upload_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +59,13 @@ TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".incomplete", ".lock", ".par
 """File name endings that mark a file as unfinished; such files are never uploaded."""
 SKIPPED_DIRS: frozenset[str] = frozenset({"__pycache__"})
 USER_PLACEHOLDER: str = "<your-username>"
+COMMAND: str = "swm-hub"
+EXTENSION_EXECUTABLE: str = "hf-swm"
+"""The console script that the ``hf`` CLI runs for ``hf swm ...`` once swm-hub is installed as its extension."""
+EXTENSION_COMMAND: str = "hf swm"
 _DETAIL_CHARS = 300
+# What a failed push raises: HTTP and connection errors, file errors, and a failed upload (a RuntimeError).
+_FAILURES: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError, *HTTP_ERRORS)
 _MB = 2**20
 
 
@@ -159,9 +181,10 @@ def push(
             revision=revision,
             create_pr=create_pr,
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except _FAILURES as exc:
         if isinstance(exc, SwmHubError):
             raise
+        _scrub_chain(exc, token)
         raise _push_error(exc, repo_id, revision, api.endpoint, retry, token) from exc
     logger.info("pushed %s", info.commit_url)
     return PushResult(
@@ -182,7 +205,7 @@ def default_repo_id(folder: Path, token: str | None = None, endpoint: str | None
 
     Raises:
         UnknownModelError: ``folder`` has no readable plan.
-        huggingface_hub / requests errors: the Hub cannot be asked (``push`` turns them into ``PushError``).
+        huggingface_hub / httpx errors: the Hub cannot be asked (``push`` turns them into ``PushError``).
     """
     plan = _read_plan(Path(folder))
     user = HfApi(endpoint=endpoint).whoami(token=token)["name"]
@@ -197,8 +220,8 @@ def retry_command(
     create_pr: bool = False,
     commit_message: str | None = None,
 ) -> str:
-    """The ``swm-hub push`` command that repeats this push (never with a token: that comes from the login)."""
-    parts = ["swm-hub", "push", str(folder)]
+    """The ``push`` command that repeats this push (never with a token: that comes from the login)."""
+    parts = [*shlex.split(program_name()), "push", str(folder)]
     if repo_id is not None:
         parts += ["--repo-id", repo_id]
     if private:
@@ -210,6 +233,17 @@ def retry_command(
     if commit_message is not None:
         parts += ["--commit-message", commit_message]
     return shlex.join(parts)
+
+
+def program_name(executable: str | None = None) -> str:
+    """How the user runs swm-hub: ``hf swm`` when run as the ``hf`` CLI's extension, else ``swm-hub``.
+
+    ``hf swm ...`` starts the ``hf-swm`` executable (by its path, with no other trace of ``hf``), so the name
+    it was started by (``sys.argv[0]`` by default) is what tells. A command to retry must be spelt that way:
+    the extension's own virtual environment, which holds ``swm-hub`` too, is not on the user's PATH.
+    """
+    name = Path(sys.argv[0] if executable is None else executable).name
+    return EXTENSION_COMMAND if name.removesuffix(".exe") == EXTENSION_EXECUTABLE else COMMAND
 
 
 def upload_files(folder: Path) -> list[UploadFile]:
@@ -252,7 +286,7 @@ def _check_endpoint(endpoint: str | None) -> None:
 def _read_plan(folder: Path) -> MergePlan:
     if not (folder / PLAN_FILE).is_file():
         raise UnknownModelError(
-            str(folder), f"it has no {PLAN_FILE}: push a folder written by `swm-hub compress`"
+            str(folder), f"it has no {PLAN_FILE}: push a folder written by `{program_name()} compress`"
         )
     return MergePlan.from_file(folder / PLAN_FILE)
 
@@ -304,31 +338,51 @@ def _default_message(plan: MergePlan, repo_id: str) -> str:
 def _push_error(
     exc: BaseException, repo_id: str | None, revision: str | None, endpoint: str, retry: str, token: str
 ) -> PushError:
-    """The typed error for a failed push, decided by exception type and HTTP status, never by message text."""
+    """The typed error for a failed push, decided by exception type and HTTP status, never by message text.
+
+    The chain is read down to the first error that says what happened: huggingface_hub raises a failed
+    upload as a ``RuntimeError`` from it, and an invalid token from ``whoami`` as a second HTTP error.
+    """
     target = repo_id or "the repository"
-    for error in _chain(exc):
+    for error in chain(exc):
         if isinstance(error, OfflineModeIsEnabled):
             return PushError(repo_id, "offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE", retry)
-        if isinstance(error, requests.HTTPError) and error.response is not None:
-            return _http_error(error, target, repo_id, revision, retry, token)
-        if isinstance(error, requests.ConnectionError | requests.Timeout):
-            reason = (
-                f"cannot reach the Hub at {endpoint} ({type(error).__name__}): check your connection, proxy "
-                "and HF_ENDPOINT"
-            )
-            return PushError(repo_id, reason, retry)
+        status = http_status(error)
+        if status is not None:
+            return _http_error(error, status, target, repo_id, revision, endpoint, retry)
+        transport = transport_reason(error, endpoint)
+        if transport is not None:
+            return PushError(repo_id, transport, retry)
     return PushError(repo_id, _scrub(f"{type(exc).__name__}: {exc}", token), retry)
 
 
 def _http_error(
-    error: requests.HTTPError, target: str, repo_id: str | None, revision: str | None, retry: str, token: str
+    error: BaseException,
+    status: int,
+    target: str,
+    repo_id: str | None,
+    revision: str | None,
+    endpoint: str,
+    retry: str,
 ) -> PushError:
-    status = error.response.status_code if error.response is not None else None
-    detail = _detail(error, token)
+    detail = _detail(error)
+    if isinstance(error, DisabledRepoError):
+        return PushError(
+            repo_id,
+            f"{target} has been disabled on the Hub (HTTP {status}{detail}): push to another --repo-id",
+            retry,
+        )
+    if isinstance(error, GatedRepoError):
+        return PushPermissionError(
+            repo_id,
+            f"{target} is gated (HTTP {status}{detail}): accept its conditions on {endpoint}/{target} with the "
+            f"token's account, or push to your own namespace with --repo-id {USER_PLACEHOLDER}/<name>",
+            retry,
+        )
     if status == 401:
         return PushPermissionError(
             repo_id,
-            f"the Hub rejected the token (HTTP 401{detail}): log in again with `huggingface-cli login` or set "
+            f"the Hub rejected the token (HTTP 401{detail}): log in again with `hf auth login` or set "
             "HF_TOKEN to a valid token",
             retry,
         )
@@ -346,28 +400,28 @@ def _http_error(
         return PushError(
             repo_id, f"the Hub has no repository {target} that this token can see (HTTP 404{detail})", retry
         )
-    if status is not None and status >= 500:
+    if status >= 500:
         return PushError(repo_id, f"the Hub answered HTTP {status}{detail}: try again later", retry)
     return PushError(repo_id, f"the Hub refused the upload (HTTP {status}{detail})", retry)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, then its causes and contexts (huggingface_hub wraps upload errors in RuntimeError)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _detail(error: requests.HTTPError, token: str) -> str:
-    """The Hub's own one-line explanation, when it sent one."""
+def _detail(error: BaseException) -> str:
+    """The Hub's own one-line explanation, when it sent one (``_scrub_chain`` took the token out)."""
     message = error.server_message if isinstance(error, HfHubHTTPError) else None
     if not message:
         return ""
-    line = " ".join(message.split())[:_DETAIL_CHARS]
-    return f": {_scrub(line, token)}"
+    return ": " + " ".join(message.split())[:_DETAIL_CHARS]
+
+
+def _scrub_chain(exc: BaseException, token: str) -> None:
+    """Take the token out of the messages of the errors a push error is raised from.
+
+    A server may echo what it was sent, and ``SWM_HUB_DEBUG=1`` prints the whole chain with its messages.
+    """
+    for error in chain(exc):
+        error.args = tuple(_scrub(arg, token) if isinstance(arg, str) else arg for arg in error.args)
+        if isinstance(error, HfHubHTTPError) and error.server_message:
+            error.server_message = _scrub(error.server_message, token)
 
 
 def _scrub(text: str, token: str) -> str:

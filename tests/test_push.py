@@ -2,8 +2,10 @@
 
 A tiny merged model is pushed with the real huggingface_hub client (create repo, preupload, LFS batch,
 upload and verify, commit), downloaded back with snapshot_download through the same endpoint, and loaded
-with transformers. Failures (no token, a refused token, no server, offline mode) must each give a typed
-error with the command that retries, leave the folder as it was, and never show the token.
+with transformers. Failures must each give a typed error with the command that retries, leave the folder as
+it was, and never show the token: no token, offline mode, a token refused by whoami (401), create_repo (401,
+403) or the commit (gated, disabled), a repository or revision the Hub does not have (404), a Hub in
+trouble (503), no server, a connection dropped mid-transfer, a server that does not answer in time.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ import hashlib
 import logging
 import shutil
 import socket
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from conftest import TINY_TEXT
-from hub_server import HubServer
-from huggingface_hub import HfApi, ModelCard, snapshot_download
-from huggingface_hub.utils import reset_sessions
+from hub_server import HubHTTPError, HubServer, no_retry_waits, online_client, use_endpoint
+from huggingface_hub import HfApi, ModelCard, get_session, snapshot_download
 from transformers import AutoModelForCausalLM
 
+from swm_hub import cli
 from swm_hub.errors import (
     InvalidOptionError,
     MissingTokenError,
@@ -36,12 +39,12 @@ from swm_hub.model_cards import CARD_FILE, default_repo_name, render_card, write
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import pull
-from swm_hub.push import PushResult, push, retry_command, upload_files
+from swm_hub.push import PushResult, program_name, push, retry_command, upload_files
 
 TOKEN = "hf_test_secret_token_123"
 READ_TOKEN = "hf_test_read_only_token_456"
 USER = "tester"
-LOGGERS = ("huggingface_hub", "swm_hub", "urllib3", "hub_server")
+LOGGERS = ("huggingface_hub", "swm_hub", "httpx", "httpx2", "httpcore", "httpcore2", "hub_server")
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
@@ -62,26 +65,8 @@ def compressed(tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.T
 
 @pytest.fixture
 def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Lift the test session's offline mode for huggingface_hub, with no token from the developer's login.
-
-    huggingface_hub reads HF_HUB_OFFLINE once, at import, into ``constants``, and mounts an adapter that
-    refuses every request on each per-thread session it caches; so the constant is patched and the
-    sessions are dropped on the way in and again on the way out, once the constant is restored.
-    """
-    constants = huggingface_hub.constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-login" / "stored_tokens"))
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
-    reset_sessions()
-    try:
+    with online_client(monkeypatch, tmp_path):
         yield
-    finally:
-        constants.HF_HUB_OFFLINE = offline
-        reset_sessions()
 
 
 @pytest.fixture
@@ -89,15 +74,6 @@ def hub(online: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     with HubServer({TOKEN: (USER, "write"), READ_TOKEN: (USER, "read")}) as server:
         use_endpoint(monkeypatch, server.url)
         yield server
-
-
-def use_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    """What HF_ENDPOINT=url does at import: huggingface_hub parses commit URLs against ``ENDPOINT`` and
-    builds download URLs from the template (copied into ``file_download``), whatever endpoint a call names."""
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
-    template = url + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
 
 @pytest.fixture
@@ -177,8 +153,8 @@ def test_push_then_download_and_load(
     assert card == render_card(compressed, repo_id)
     assert TOKEN not in card
     assert f'model_id = "{repo_id}"' in card
-    data = ModelCard(card).data
-    assert "swm" in data.tags and "pruned" in data.tags
+    tags = ModelCard(card).data["tags"]
+    assert "swm" in tags and "pruned" in tags
 
     pushed = AutoModelForCausalLM.from_pretrained(snapshot)
     original = AutoModelForCausalLM.from_pretrained(compressed)
@@ -264,11 +240,23 @@ def test_dry_run_lists_files_and_sizes_without_any_request(
 # --- failures ----------------------------------------------------------------------------------------------
 
 
+def assert_failed_cleanly(
+    error: PushError, folder: Path, before: dict[str, tuple[str, int]], logs: pytest.LogCaptureFixture
+) -> None:
+    """One message with the retry command in it, the folder as it was, the token nowhere."""
+    assert error.retry_command.startswith(f"swm-hub push {folder}")
+    assert error.retry_command in str(error)
+    assert "the local folder is unchanged" in str(error)
+    assert fingerprint(folder) == before
+    assert_token_hidden(error, logs, TOKEN)
+
+
 def test_no_token_raises_missing_token_error(hub: HubServer, compressed: Path) -> None:
     with pytest.raises(MissingTokenError) as caught:
         push(compressed, repo_id=f"{USER}/x", endpoint=hub.url)
     message = str(caught.value)
-    assert "huggingface-cli login" in message and "HF_TOKEN" in message
+    assert "`hf auth login`" in message and "HF_TOKEN" in message
+    assert "huggingface-cli" not in message
     assert caught.value.retry_command == f"swm-hub push {compressed} --repo-id {USER}/x"
     assert caught.value.retry_command in message
     assert isinstance(caught.value, PermissionError)
@@ -297,15 +285,142 @@ def test_refused_write_is_a_permission_error_without_the_token(
     assert not hub.state.repos
 
 
+@pytest.mark.parametrize(
+    ("repo_id", "refused_by"),
+    [(None, "/api/whoami-v2"), (f"{USER}/tiny", "/api/repos/create")],
+    ids=["whoami", "create-repo"],
+)
 def test_invalid_token_is_a_permission_error(
-    hub: HubServer, compressed: Path, logs: pytest.LogCaptureFixture
+    hub: HubServer,
+    compressed: Path,
+    logs: pytest.LogCaptureFixture,
+    repo_id: str | None,
+    refused_by: str,
 ) -> None:
     token = "hf_not_a_token_the_server_knows_789"
     with pytest.raises(PushPermissionError) as caught:
-        push(compressed, token=token, endpoint=hub.url)
-    assert "HTTP 401" in str(caught.value) and "huggingface-cli login" in str(caught.value)
-    assert caught.value.retry_command == f"swm-hub push {compressed}"
+        push(compressed, repo_id=repo_id, token=token, endpoint=hub.url)
+    assert "HTTP 401" in str(caught.value) and "`hf auth login`" in str(caught.value)
+    assert caught.value.retry_command == retry_command(compressed, repo_id)
+    assert refused_by in [path for _, path in hub.state.requests]
     assert_token_hidden(caught.value, logs, token)
+
+
+# (server method, path, error, expected type, words in the message)
+REFUSALS: list[tuple[str, str, str, HubHTTPError, type[PushError], str]] = [
+    (
+        "commit-to-a-missing-repo",
+        "POST",
+        rf"/api/models/{USER}/tiny/preupload/main",
+        HubHTTPError(404, "Repository not found", code="RepoNotFound"),
+        PushError,
+        f"the Hub has no repository {USER}/tiny that this token can see (HTTP 404",
+    ),
+    (
+        "gated",
+        "POST",
+        rf"/api/models/{USER}/tiny/preupload/main",
+        HubHTTPError(403, f"Access to model {USER}/tiny is restricted.", code="GatedRepo"),
+        PushPermissionError,
+        f"{USER}/tiny is gated (HTTP 403",
+    ),
+    (
+        "disabled",
+        "POST",
+        rf"/api/models/{USER}/tiny/preupload/main",
+        HubHTTPError(403, "Access to this resource is disabled."),
+        PushError,
+        "has been disabled on the Hub",
+    ),
+    (
+        "hub-down",
+        "POST",
+        "/api/repos/create",
+        HubHTTPError(503, "Service Unavailable"),
+        PushError,
+        "the Hub answered HTTP 503: Service Unavailable: try again later",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "answer", "kind", "expected"),
+    [pytest.param(*case[1:], id=case[0]) for case in REFUSALS],
+)
+def test_hub_refusals_are_typed_push_errors(
+    hub: HubServer,
+    compressed: Path,
+    logs: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    answer: HubHTTPError,
+    kind: type[PushError],
+    expected: str,
+) -> None:
+    hub.fail(method, path, error=answer)
+    before = fingerprint(compressed)
+    with pytest.raises(PushError) as caught:
+        push(compressed, repo_id=f"{USER}/tiny", token=TOKEN, endpoint=hub.url)
+    assert type(caught.value) is kind
+    assert expected in str(caught.value)
+    assert_failed_cleanly(caught.value, compressed, before, logs)
+
+
+def test_pull_request_to_a_missing_revision_names_it(
+    hub: HubServer, compressed: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    before = fingerprint(compressed)
+    with pytest.raises(PushError) as caught:
+        push(
+            compressed, repo_id=f"{USER}/tiny", revision="nope", create_pr=True, token=TOKEN, endpoint=hub.url
+        )
+    assert f"{USER}/tiny has no revision 'nope' (HTTP 404" in str(caught.value)
+    assert caught.value.retry_command.endswith("--revision nope --create-pr")
+    assert_failed_cleanly(caught.value, compressed, before, logs)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "repo_id"),
+    [
+        ("GET", "/api/whoami-v2", None),
+        ("PUT", r"/__lfs/upload/.*", f"{USER}/tiny"),
+        ("POST", rf"/api/models/{USER}/tiny/commit/main", f"{USER}/tiny"),
+    ],
+    ids=["whoami", "lfs-upload", "create-commit"],
+)
+def test_connection_dropped_mid_transfer_is_a_push_error(
+    hub: HubServer,
+    compressed: Path,
+    logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    path: str,
+    repo_id: str | None,
+) -> None:
+    waits = no_retry_waits(monkeypatch)
+    hub.fail(method, path, drop=True)
+    before = fingerprint(compressed)
+    with pytest.raises(PushError) as caught:
+        push(compressed, repo_id=repo_id, token=TOKEN, endpoint=hub.url)
+    assert "was dropped mid-transfer (RemoteProtocolError)" in str(caught.value)
+    assert not isinstance(caught.value, PermissionError)
+    assert any(request[0] == method for request in hub.state.requests)
+    if method == "PUT":  # huggingface_hub retries an upload 5 times (1, 2, 4, 8, 8 s apart), then gives up
+        assert sorted(set(waits)) == [1, 2, 4, 8]
+    assert_failed_cleanly(caught.value, compressed, before, logs)
+
+
+def test_a_hub_that_does_not_answer_in_time_is_a_push_error(
+    hub: HubServer, compressed: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    # huggingface_hub's own client waits forever; a user sets a timeout on it (get_session/set_client_factory)
+    get_session().timeout = 0.5
+    hub.fail("POST", "/api/repos/create", stall=10)
+    before = fingerprint(compressed)
+    with pytest.raises(PushError) as caught:
+        push(compressed, repo_id=f"{USER}/tiny", token=TOKEN, endpoint=hub.url)
+    assert "did not answer in time (ReadTimeout)" in str(caught.value)
+    assert_failed_cleanly(caught.value, compressed, before, logs)
 
 
 def test_unreachable_hub_is_a_push_error_and_the_folder_is_kept(
@@ -320,18 +435,44 @@ def test_unreachable_hub_is_a_push_error_and_the_folder_is_kept(
         push(compressed, repo_id=f"{USER}/tiny", private=True, token=TOKEN, endpoint=dead)
     error = caught.value
     assert not isinstance(error, PermissionError)
-    assert "cannot reach the Hub" in str(error) and "the local folder is unchanged" in str(error)
+    assert f"cannot reach the Hub at {dead} (ConnectError)" in str(error)
     assert error.retry_command == f"swm-hub push {compressed} --repo-id {USER}/tiny --private"
-    assert_token_hidden(error, logs, TOKEN)
-    assert fingerprint(compressed) == before
+    assert_failed_cleanly(error, compressed, before, logs)
 
 
 def test_offline_mode_is_reported_with_its_variable(compressed: Path, logs: pytest.LogCaptureFixture) -> None:
-    reset_sessions()  # the session of this thread must be the offline one the test run configures
-    with pytest.raises(PushError) as caught:
+    with pytest.raises(PushError) as caught:  # the test session itself is offline (conftest.py)
         push(compressed, repo_id=f"{USER}/tiny", token=TOKEN)
     assert "HF_HUB_OFFLINE" in str(caught.value)
     assert_token_hidden(caught.value, logs, TOKEN)
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_a_token_the_server_echoes_is_hidden_from_message_and_debug_traceback(
+    hub: HubServer,
+    compressed: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    debug: str,
+) -> None:
+    echo = f"token {TOKEN} may not write to {USER}/tiny"
+    hub.fail("POST", rf"/api/models/{USER}/tiny/preupload/main", error=HubHTTPError(403, echo))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("SWM_HUB_DEBUG", debug)
+    monkeypatch.setattr(sys, "argv", ["swm-hub", "push", str(compressed), "--repo-id", f"{USER}/tiny"])
+    with pytest.raises((SystemExit, PushPermissionError)) as caught:
+        cli.main()
+    err = capsys.readouterr().err
+    shown = err + "".join(traceback.format_exception(caught.value))  # with the errors it was raised from
+    assert TOKEN not in shown
+    assert "token <token> may not write" in shown  # the server's message, with the token taken out
+    if debug == "1":
+        assert isinstance(caught.value, PushPermissionError)
+        assert "HfHubHTTPError" in shown
+    else:
+        assert isinstance(caught.value, SystemExit) and caught.value.code == 1
+        assert "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
 
 
 def test_a_folder_without_a_plan_is_refused_before_any_request(hub: HubServer, tmp_path: Path) -> None:
@@ -355,3 +496,28 @@ def test_retry_command_quotes_what_the_shell_would_split() -> None:
         "swm-hub push 'my models/out' --repo-id me/x --private --revision dev --create-pr "
         "--commit-message 'it'\"'\"'s done'"
     )
+
+
+@pytest.mark.parametrize(
+    ("executable", "expected"),
+    [
+        ("/home/me/.local/share/hf/extensions/hf-swm/venv/bin/hf-swm", "hf swm"),
+        ("C:/Users/me/hf-swm.exe", "hf swm"),
+        ("/usr/local/bin/swm-hub", "swm-hub"),
+        ("/work/swm_hub/__main__.py", "swm-hub"),
+    ],
+)
+def test_program_name_follows_the_executable(executable: str, expected: str) -> None:
+    assert program_name(executable) == expected
+
+
+def test_retry_command_says_hf_swm_when_run_as_the_hf_extension(
+    hub: HubServer, compressed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["/opt/hf/extensions/hf-swm/venv/bin/hf-swm", "push", str(compressed)])
+    with pytest.raises(MissingTokenError) as caught:
+        push(compressed, repo_id=f"{USER}/x", private=True, endpoint=hub.url)
+    assert caught.value.retry_command == f"hf swm push {compressed} --repo-id {USER}/x --private"
+    assert str(caught.value).endswith(f"retry: hf swm push {compressed} --repo-id {USER}/x --private")
+    with pytest.raises(UnknownModelError, match="push a folder written by `hf swm compress`"):
+        push(compressed.parent, endpoint=hub.url)
