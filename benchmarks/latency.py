@@ -12,11 +12,11 @@ tokens, exactly ``--new-tokens`` greedy tokens, median/min/max of ``--runs`` run
   layers against 21, on the compiled path (static KV cache + ``torch.compile``) and on eager ``generate``.
 
 Each table gives the ideal speedup (layers before / layers after) beside the measured one, and the weight
-ratio: the models' weight bytes, the LM head included, which is what a decode limited purely by memory
-bandwidth would gain. It is a guide, not a bound: the LM head is one large efficient matrix product while each
-layer pays for many small kernels, which moves real figures toward the layer ratio (and an untied input
-embedding is counted although a token reads one row of it). SmolLM2's head (576 x 49152) is a fifth of its
-weights, so its weight ratio is 1.31 against a layer ratio of 1.43. Machine load is printed with the numbers,
+ratio (``BenchReport.weight_ratio``): the weights one decoding step reads, the layers and the LM head but not
+an input embedding that is only gathered, which is what a decode limited purely by memory bandwidth would
+gain. It is a guide, not a bound: the LM head is one large efficient matrix product while each layer pays for
+many small kernels, which moves real figures toward the layer ratio. SmolLM2's head (576 x 49152) is a fifth
+of its weights, so its weight ratio is 1.31 against a layer ratio of 1.43. Machine load is printed with the numbers,
 since the CPU figures move with it; so is the CPU-time speedup, which leaves out time spent waiting for a core.
 
 Run it from the repository root (several minutes on a 2-core CPU; ``--workdir`` keeps the folders and
@@ -213,21 +213,11 @@ class _VocabClamp:
         return getattr(self._tokenizer, name)
 
 
-def weight_ratio(report: BenchReport) -> float | None:
-    """Baseline weight bytes over the model's: the gain of a decode limited purely by memory bandwidth."""
-    if report.baseline is None:
-        return None
-    return report.baseline.weights_mb / report.model.weights_mb
-
-
 def show(entry: tuple[str, BenchReport]) -> None:
     title, report = entry
     print(f"\n== {title}")
     for line in report.table_lines():
         print(line)
-    ratio = weight_ratio(report)
-    if ratio is not None:
-        print(f"weight ratio (baseline weights / compressed weights, LM head included): {ratio:.2f}x")
     print(f"load average after: {_loadavg()}", flush=True)
 
 
@@ -238,7 +228,7 @@ def print_all(reports: list[tuple[str, BenchReport]]) -> None:
             f"{title:<58} ideal {report.ideal_speedup:.2f}x  measured {report.measured_speedup:.2f}x  "
             f"= {report.speedup_efficiency:.2f} of ideal  (decode {report.speedup['decode_ms_per_token']:.2f}x, "  # type: ignore[index]
             f"prefill {report.speedup['prefill_ms']:.2f}x, CPU time {report.speedup['end_to_end_cpu_ms']:.2f}x, "  # type: ignore[index]
-            f"weight ratio {weight_ratio(report):.2f}x)"
+            f"weight ratio {report.weight_ratio:.2f}x)"
         )
     print(
         f"cpu count {os.cpu_count()}, load average {_loadavg()}, total {time.perf_counter() - STARTED:.0f} s"
@@ -247,10 +237,7 @@ def print_all(reports: list[tuple[str, BenchReport]]) -> None:
         "benchmark": "latency",
         "model": MODEL,
         "loadavg": _loadavg(),
-        "reports": [
-            {"title": title, **report.to_dict(), "weight_ratio": weight_ratio(report)}
-            for title, report in reports
-        ],
+        "reports": [{"title": title, **report.to_dict()} for title, report in reports],
     }
     print(json.dumps(payload))
 

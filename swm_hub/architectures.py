@@ -34,8 +34,6 @@ class ArchitectureSpec:
         mlp_out_path: the MLP's output projection inside a layer, whose output is added to the residual stream
             as is; the least-squares consolidation refits it. None where a norm follows it (Gemma 2/3), which
             makes the fit non-linear: those architectures merge without the fit.
-        onnx_supported: whether ``swm-hub export`` may try this type; False refuses it with a clear message
-            even if optimum lists it (for a type known to export wrongly).
         onnx_atol: the largest absolute difference allowed between torch and ONNX Runtime outputs (logits and
             KV cache) of a float32 export; float16 exports use ``onnx_atol_fp16``. SmolLM2-135M's logits
             differ by up to 1e-4 (sums in another order), so 1e-3 leaves room for larger models while a wrong
@@ -52,7 +50,6 @@ class ArchitectureSpec:
     pattern_fields: tuple[str, ...] = ()
     logit_softcap_key: str | None = None
     mlp_out_path: str | None = "mlp.down_proj"
-    onnx_supported: bool = True
     onnx_atol: float = 1e-3
     onnx_atol_fp16: float = 1e-1
 

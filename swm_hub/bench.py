@@ -43,13 +43,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, CompileConfig, GenerationConfig
 
 from swm_hub.architectures import spec_for_config
 from swm_hub.errors import InvalidOptionError, UnknownModelError
-from swm_hub.exporters.validate import check_device, load_ort_model
+from swm_hub.exporters.genai import GenaiModel, genai_folder, require_genai
+from swm_hub.exporters.ort_generate import (
+    MODEL_FILE_NAMES,
+    OrtCausalLM,
+    find_model_file,
+    per_token_weight_bytes,
+)
+from swm_hub.exporters.validate import check_device
 from swm_hub.pull import LoadedModel, pull
 
 __all__ = [
@@ -66,8 +74,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnxruntime"]
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+Backend = Literal["torch", "onnxruntime", "genai"]
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "genai")
 BENCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCH_PROMPT: str = (
     "The library stood at the end of a quiet street, its windows glowing warmly against the winter dusk. "
@@ -105,6 +113,8 @@ class ModelBench:
         name: the model as given (a name, a folder or an ONNX export folder).
         layers: its number of decoder layers.
         weights_mb: the size of its weights in memory (torch) or on disk (ONNX files).
+        per_token_weights_mb: the weights one decoding step reads: the layers and the LM head, without an
+            input embedding that is only gathered (one row per token); None where the backend cannot tell.
         prefill_ms: one forward pass over the prompt, to the first token's logits.
         decode_ms_per_token: ``(end_to_end - prefill) / (new_tokens - 1)``.
         end_to_end_ms: ``generate`` from the prompt to the last new token.
@@ -119,6 +129,7 @@ class ModelBench:
     name: str
     layers: int
     weights_mb: float
+    per_token_weights_mb: float | None
     prefill_ms: Stat
     decode_ms_per_token: Stat
     end_to_end_ms: Stat
@@ -132,6 +143,7 @@ class ModelBench:
             "name": self.name,
             "layers": self.layers,
             "weights_mb": self.weights_mb,
+            "per_token_weights_mb": self.per_token_weights_mb,
             "prefill_ms": self.prefill_ms.to_dict(),
             "decode_ms_per_token": self.decode_ms_per_token.to_dict(),
             "end_to_end_ms": self.end_to_end_ms.to_dict(),
@@ -159,7 +171,8 @@ class BenchReport:
 
     ``speedup`` maps each measure to baseline over model (model over baseline for tokens/s), so above 1 is
     better for every entry; ``measured_speedup`` is the end-to-end one, and ``ideal_speedup`` is the
-    baseline's layers over the model's.
+    baseline's layers over the model's. ``weight_ratio`` is the baseline's per-token weights over the
+    model's: what a decode bound by reading weights gains, since the LM head does not shrink.
     """
 
     backend: str
@@ -198,6 +211,13 @@ class BenchReport:
         return self.baseline.layers / self.model.layers
 
     @property
+    def weight_ratio(self) -> float | None:
+        """Per-token weights before over after (layers and LM head), where both backends report them."""
+        before = self.baseline.per_token_weights_mb if self.baseline is not None else None
+        after = self.model.per_token_weights_mb
+        return before / after if before and after else None
+
+    @property
     def speedup_efficiency(self) -> float | None:
         """Measured end-to-end speedup as a fraction of the ideal one."""
         measured, ideal = self.measured_speedup, self.ideal_speedup
@@ -219,6 +239,7 @@ class BenchReport:
             "speedup": self.speedup,
             "measured_speedup": self.measured_speedup,
             "ideal_speedup": self.ideal_speedup,
+            "weight_ratio": self.weight_ratio,
             "speedup_efficiency": self.speedup_efficiency,
             "environment": self.environment,
         }
@@ -267,6 +288,12 @@ class BenchReport:
         speedup = self.speedup
         if self.device == "cpu" and speedup is not None:
             line += f" (by CPU time {speedup['end_to_end_cpu_ms']:.2f}x)"
+        ratio = self.weight_ratio
+        if ratio is not None and speedup is not None:
+            line += (
+                f"; per-token weights (layers + LM head) ratio {ratio:.2f}x: decode "
+                f"{speedup['decode_ms_per_token'] / ratio:.2f} and end-to-end {speedup['end_to_end_ms'] / ratio:.2f} of it"
+            )
         return line
 
     def table_lines(self) -> list[str]:
@@ -316,9 +343,10 @@ def bench(
 
     Args:
         model: for ``torch``, anything ``pull`` takes (folder, Hub id, .gguf file, ``smollm2``); for
-            ``onnxruntime``, the folder of an ONNX export, or a model folder with an ``onnx/`` subfolder.
+            ``onnxruntime``, the folder of an ONNX export, or a model folder with an ``onnx/`` subfolder;
+            for ``genai``, the folder of a genai export, or a model folder with a ``genai/`` subfolder.
         baseline: the same kind of name for the original model; the speedups are baseline over model.
-        backend: ``torch`` or ``onnxruntime``.
+        backend: ``torch``, ``onnxruntime`` or ``genai`` (onnxruntime-genai's own generator, CPU only).
         device: ``cpu`` or ``cuda``.
         prompt_tokens: exact prompt length in tokens.
         new_tokens: exact number of generated tokens (at least 2, so that decoding is measured).
@@ -458,8 +486,14 @@ def _check_options(
         )
     if dtype is not None and dtype not in BENCH_DTYPES:
         raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of {', '.join(BENCH_DTYPES)}")
-    if dtype is not None and backend == "onnxruntime":
-        raise InvalidOptionError("--dtype applies to the torch backend; ONNX Runtime runs the export's dtype")
+    if dtype is not None and backend != "torch":
+        raise InvalidOptionError(
+            f"--dtype applies to the torch backend; {backend} runs the export's own dtype"
+        )
+    if backend == "genai" and device != "cpu":
+        raise InvalidOptionError("--backend genai runs onnxruntime-genai's CPU build: use --device cpu")
+    if backend == "genai":
+        require_genai()
     check_device(device, onnx=backend == "onnxruntime")
     if compiled is None:
         return backend == "torch" and device == "cuda"
@@ -486,6 +520,7 @@ class _Runner:
     device: torch.device
     synchronize: Callable[[], None]
     generate_kwargs: dict[str, Any]
+    per_token_weights_mb: float | None = None
 
     def close(self) -> None:
         self.model = None
@@ -512,6 +547,8 @@ def _load(
     logger.info("loading %s for %s on %s", name, backend, device)
     if backend == "onnxruntime":
         return _load_ort(name, device, threads)
+    if backend == "genai":
+        return _load_genai(name, threads)
     return _load_torch(name, device, dtype, compiled)
 
 
@@ -538,27 +575,43 @@ def _torch_runner(loaded: LoadedModel, name: str, device: str, compiled: bool) -
         device=torch.device(device),
         synchronize=torch.cuda.synchronize if device == "cuda" else _no_op,
         generate_kwargs=kwargs,
+        per_token_weights_mb=_per_token_weight_bytes(model) / _MB,
     )
 
 
+def _per_token_weight_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes a decoding step reads: all but embedding tables that are only gathered (not a tied head)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    head_weight = getattr(head, "weight", None)
+    gathered = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding) and module.weight is not head_weight
+    }
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in gathered)
+
+
 def _load_ort(name: str, device: str, threads: int | None) -> _Runner:
+    """Our ONNX Runtime loop (``ort_generate``) over the export: ``_measure`` times it on its own path."""
     folder = _onnx_folder(name)
     config = AutoConfig.from_pretrained(folder)
     spec = spec_for_config(config)
     tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else folder.parent
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)  # type: ignore[no-untyped-call]
-    model = load_ort_model(folder, device, threads)
-    onnx_files = [*folder.glob("*.onnx"), *folder.glob("*.onnx_data")]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    model = OrtCausalLM.load(folder, device, threads)
+    graph = find_model_file(folder)
+    onnx_files = [graph, *folder.glob(graph.name + "_data")]
     return _Runner(
         name=name,
         model=model,
         tokenizer=tokenizer,
         layers=int(getattr(config, spec.count_key)),
         weights_mb=sum(file.stat().st_size for file in onnx_files) / _MB,
-        dtype=model.dtype,
+        dtype=torch.float16 if model.cache_dtype == np.float16 else torch.float32,
         device=torch.device(device),
         synchronize=_no_op,  # ONNX Runtime's run() returns when its outputs are ready
         generate_kwargs={},
+        per_token_weights_mb=per_token_weight_bytes(graph) / _MB,
     )
 
 
@@ -570,11 +623,30 @@ def _onnx_folder(name: str) -> Path:
             name, "the onnxruntime backend needs a local folder holding an ONNX export (`swm-hub export DIR`)"
         )
     for folder in (path, path / ONNX_SUBFOLDER):
-        if any(folder.glob("*.onnx")):
+        if any((folder / file).is_file() for file in MODEL_FILE_NAMES.values()):
             return folder.absolute()
     raise UnknownModelError(
         name,
-        f"{path} holds no .onnx file and no {ONNX_SUBFOLDER}/ subfolder with one: run `swm-hub export {path}`",
+        f"{path} holds no {' or '.join(MODEL_FILE_NAMES.values())} and no {ONNX_SUBFOLDER}/ subfolder with one: "
+        f"run `swm-hub export {path}`",
+    )
+
+
+def _load_genai(name: str, threads: int | None) -> _Runner:
+    """onnxruntime-genai's generator behind the runner interface: its model answers ``__call__``/``generate``."""
+    folder = genai_folder(name)
+    model = GenaiModel(folder, threads)
+    tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else folder.parent
+    return _Runner(
+        name=name,
+        model=model,
+        tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder),
+        layers=model.layers,
+        weights_mb=model.weights_mb,
+        dtype=model.dtype,
+        device=torch.device("cpu"),
+        synchronize=_no_op,  # the generator's calls return when their outputs are ready
+        generate_kwargs={},
     )
 
 
@@ -593,13 +665,39 @@ class _Sample:
     working_mb: float
 
 
-@torch.no_grad()
 def _measure(runner: _Runner, prompt: torch.Tensor, new_tokens: int, probe: _MemoryProbe) -> _Sample:
     """One prefill, then one full generation, both timed; memory is watched over both."""
+    probe.start()
+    timed = _time_ort if isinstance(runner.model, OrtCausalLM) else _time_generate
+    prefill, end_to_end, cpu, produced = timed(runner, prompt, new_tokens)
+    working = probe.stop()
+    if produced != new_tokens:
+        raise RuntimeError(f"{runner.name} generated {produced} tokens instead of {new_tokens}")
+    return _Sample(prefill_s=prefill, end_to_end_s=end_to_end, end_to_end_cpu_s=cpu, working_mb=working)
+
+
+def _time_ort(runner: _Runner, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, float, int]:
+    """Prefill (to the first token) and a greedy generation with our loop: seconds, CPU seconds, tokens."""
+    model: OrtCausalLM = runner.model
+    input_ids = prompt.numpy()
+    attention_mask = np.ones_like(input_ids)
+    started = time.perf_counter()
+    model.prefill(input_ids, attention_mask).greedy_tokens()
+    prefill = time.perf_counter() - started
+
+    cpu_started = time.process_time()
+    started = time.perf_counter()
+    generated = model.generate(input_ids, attention_mask, new_tokens)
+    end_to_end = time.perf_counter() - started
+    return prefill, end_to_end, time.process_time() - cpu_started, int(generated.shape[-1])
+
+
+@torch.no_grad()
+def _time_generate(runner: _Runner, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, float, int]:
+    """Prefill and ``generate`` of a model with the transformers interface: seconds, CPU seconds, tokens."""
     input_ids = prompt.to(runner.device)
     attention_mask = torch.ones_like(input_ids)
     config = _generation_config(runner, new_tokens)
-    probe.start()
 
     runner.synchronize()
     started = time.perf_counter()
@@ -618,12 +716,7 @@ def _measure(runner: _Runner, prompt: torch.Tensor, new_tokens: int, probe: _Mem
     runner.synchronize()
     end_to_end = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
-
-    working = probe.stop()
-    produced = int(generated.shape[-1]) - int(input_ids.shape[-1])
-    if produced != new_tokens:
-        raise RuntimeError(f"{runner.name} generated {produced} tokens instead of {new_tokens}")
-    return _Sample(prefill_s=prefill, end_to_end_s=end_to_end, end_to_end_cpu_s=cpu, working_mb=working)
+    return prefill, end_to_end, cpu, int(generated.shape[-1]) - int(input_ids.shape[-1])
 
 
 def _generation_config(runner: _Runner, new_tokens: int) -> GenerationConfig:
@@ -657,6 +750,7 @@ def _summarize(runner: _Runner, samples: Sequence[_Sample], new_tokens: int) -> 
         name=runner.name,
         layers=runner.layers,
         weights_mb=runner.weights_mb,
+        per_token_weights_mb=runner.per_token_weights_mb,
         prefill_ms=Stat.of(prefill),
         decode_ms_per_token=Stat.of(decode),
         end_to_end_ms=Stat.of(end_to_end),
@@ -821,6 +915,8 @@ def _environment(
         import onnxruntime
 
         environment["onnxruntime"] = onnxruntime.__version__
+    if backend == "genai":
+        environment["onnxruntime_genai"] = require_genai().__version__
     if device == "cuda":
         environment["gpu"] = torch.cuda.get_device_name()
         environment["cuda"] = torch.version.cuda

@@ -8,8 +8,8 @@ place with ``os.replace``, and reloaded from disk as a check.
 
 from __future__ import annotations
 
-import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +27,16 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
 
 from swm_hub.architectures import spec_for_config
+from swm_hub.atomic import (
+    mark,
+    output_lock,
+    pause_point,
+    recover_interrupted,
+    refuse_existing_output,
+    refuse_unsafe_target,
+    swap_in,
+    write_errors_reported,
+)
 from swm_hub.config_rewrite import check_kept
 from swm_hub.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
 from swm_hub.layer_trace import decoder_layers
@@ -36,7 +46,6 @@ __all__ = [
     "build_model",
     "build_skeleton",
     "output_folder",
-    "refuse_existing_output",
     "save_model_folder",
     "save_streamed_folder",
     "state_dict_for",
@@ -46,8 +55,6 @@ __all__ = [
     "verify_folder_loads",
 ]
 
-logger = logging.getLogger(__name__)
-
 _NO_EXTRA_FILES: Mapping[str, str | bytes] = MappingProxyType({})
 MAX_SHARD_BYTES: int = 2 * 10**9
 """Shards of 2 GB, as ``save_pretrained``'s ``max_shard_size="2GB"`` makes them."""
@@ -55,33 +62,33 @@ _LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 @contextmanager
-def output_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder that becomes ``target`` only if the block finishes.
+def output_folder(target: Path, overwrite: bool, protected: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield an empty, marked temporary folder that becomes ``target`` only if the block finishes.
 
-    A refusal happens before any work, so a user does not wait for a merge that cannot be saved. The
-    temporary folder sits beside the target so that the final move is a same-filesystem rename: the target
-    is either the old folder or the complete new one, never a half-written mix.
+    Refusals happen before any work, so a user does not wait for a merge that cannot be saved: a target
+    that is or holds one of the ``protected`` inputs (or the working directory), a target holding files
+    without ``overwrite``, one that swm-hub did not write, or one another run has locked. The lock is held
+    for the whole block; under it, what killed runs left is recovered first. The temporary folder sits
+    beside the target so that the final move is a same-filesystem rename (one exchange for a non-empty
+    target): the target is either the old folder or the complete new one, never a half-written mix.
     """
     target = Path(target).absolute()
+    refuse_unsafe_target(target, protected)
     refuse_existing_output(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _make_sibling(target, "tmp")
-    try:
-        yield temp
-        _move_into_place(temp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-
-
-def refuse_existing_output(target: Path, overwrite: bool) -> None:
-    """Refuse a target holding files unless told to overwrite; a plain file is never a model folder."""
-    if not (target.exists() or target.is_symlink()):
-        return
-    if not target.is_dir() or target.is_symlink():
-        raise OutputExistsError(target)
-    if not overwrite and any(target.iterdir()):
-        raise OutputExistsError(target)
+    with write_errors_reported(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(target):
+            recover_interrupted(target)
+            refuse_existing_output(target, overwrite)
+            temp = _make_sibling(target, "tmp")
+            try:
+                mark(temp)
+                yield temp
+                pause_point("before-move")
+                _move_into_place(temp, target, overwrite)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
 
 
 def _make_sibling(target: Path, role: str) -> Path:
@@ -99,23 +106,9 @@ def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
     """Rename ``temp`` to ``target``, checking the target again since it may have changed meanwhile."""
     refuse_existing_output(target, overwrite)
     if target.is_dir() and any(target.iterdir()):
-        _swap(temp, target)
+        swap_in(temp, target, target.parent / f".{target.name}.old-{secrets.token_hex(4)}")
     else:
         _replace_empty(temp, target)
-
-
-def _swap(temp: Path, target: Path) -> None:
-    """Replace a non-empty target: set it aside, move the new one in, and restore the old one on failure."""
-    aside = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
-    os.replace(target, aside)
-    try:
-        os.replace(temp, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    if aside.exists():
-        logger.warning("could not delete %s, the previous output folder; remove it by hand", aside)
 
 
 def _replace_empty(temp: Path, target: Path) -> None:
@@ -323,7 +316,7 @@ def verify_folder_loads(folder: Path, expected_layers: int) -> None:
         raise CorruptWeightsError(folder, f"it does not load: {error}") from error
     model, info = loaded
     problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    _refuse_problems(folder, {kind: keys for kind, keys in problems.items() if keys})
+    _refuse_problems(folder, {kind: [str(key) for key in keys] for kind, keys in problems.items() if keys})
     _check_layer_count(folder, model, expected_layers)
 
 
@@ -338,24 +331,98 @@ def verify_folder_headers(folder: Path, expected_layers: int) -> None:
         model = build_skeleton(AutoConfig.from_pretrained(folder).to_dict())
     except _LOAD_ERRORS as error:
         raise CorruptWeightsError(folder, f"its config does not load: {error}") from error
-    state = model.state_dict()
-    expected = {key: tuple(state[key].shape) for key in untied_state_keys(model)}
-    names = stored_tensor_names(model)
-    reader = CheckpointReader(folder)
-    found = {names.model_name(name): reader.spec(name).shape for name in reader.names}
-    mismatched = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    problems = {
-        "missing_keys": sorted(expected.keys() - found.keys()),
-        "unexpected_keys": sorted(found.keys() - expected.keys()),
-        "mismatched_keys": mismatched,
-    }
-    _refuse_problems(folder, {kind: keys for kind, keys in problems.items() if keys})
+    _refuse_problems(folder, checkpoint_problems(CheckpointReader(folder), model))
     _check_layer_count(folder, model, expected_layers)
 
 
-def _refuse_problems(folder: Path, problems: Mapping[str, Any]) -> None:
+def checkpoint_problems(reader: CheckpointReader, model: PreTrainedModel) -> dict[str, list[str]]:
+    """The tensors the model needs that the shards lack, those it has no place for, and those of another shape.
+
+    ``model`` may be a skeleton on the meta device: only names and shapes are compared, from the headers.
+    Stored names are mapped as ``from_pretrained`` maps them (transformers' renamings, a missing
+    ``base_model_prefix``), and the names the model class says to ignore on load are ignored here too.
+    """
+    state = model.state_dict()
+    expected = {key: tuple(state[key].shape) for key in untied_state_keys(model)}
+    names = stored_tensor_names(model)
+    prefixed = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    found: dict[str, tuple[int, ...]] = {}
+    for stored in reader.names:
+        name = names.model_name(stored)
+        if name not in expected and prefixed and f"{prefixed}{name}" in expected:
+            name = f"{prefixed}{name}"
+        found[name] = tuple(reader.spec(stored).shape)
+    problems = {
+        "missing": sorted(expected.keys() - found.keys()),
+        "unexpected": sorted(found.keys() - expected.keys()),
+        "mismatched": sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k]),
+    }
+    ignored = {
+        "missing": getattr(model, "_keys_to_ignore_on_load_missing", None) or [],
+        "unexpected": getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [],
+        "mismatched": [],
+    }
+    return {
+        kind: kept
+        for kind, keys in problems.items()
+        if (kept := [key for key in keys if not any(re.search(pattern, key) for pattern in ignored[kind])])
+    }
+
+
+def refuse_checkpoint_mismatch(folder: Path, reader: CheckpointReader, model: PreTrainedModel) -> None:
+    """Refuse a checkpoint that does not fit its config, instead of loading random values for the gaps.
+
+    ``from_pretrained`` initialises a missing tensor at random and drops an unexpected one, so a checkpoint
+    missing a tensor, or a config whose layer count disagrees with it, would merge random layers.
+    """
+    problems = checkpoint_problems(reader, model)
+    if not problems:
+        return
+    spec = spec_for_config(model.config)
+    declared = getattr(model.config, spec.count_key)
+    stored = _stored_layer_count(reader, model, spec.layers_path)
+    if stored != declared:
+        raise CorruptWeightsError(
+            folder,
+            f"config.json says {spec.count_key}={declared} but the checkpoint holds {stored} decoder layers: "
+            "fix the config or download the model again",
+        )
+    raise CorruptWeightsError(
+        folder, f"the checkpoint does not fit its config: {describe_problems(problems)}"
+    )
+
+
+def _stored_layer_count(reader: CheckpointReader, model: PreTrainedModel, layers_path: str) -> int:
+    names = stored_tensor_names(model)
+    numbers = set()
+    for stored in reader.names:
+        name = names.model_name(stored)
+        for prefix in (f"{layers_path}.", f"{layers_path.partition('.')[2]}."):
+            head, _, _ = name.removeprefix(prefix).partition(".")
+            if name.startswith(prefix) and head.isdigit():
+                numbers.add(int(head))
+    return max(numbers) + 1 if numbers else 0
+
+
+def describe_problems(problems: Mapping[str, Sequence[str]], shown: int = 3) -> str:
+    """One line naming the first few tensors of each kind of problem, with a count of the rest."""
+    parts = []
+    for kind, keys in problems.items():
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        parts.append(f"{kind} {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
+
+
+def refuse_non_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: Path) -> None:
+    """A NaN or infinity in an input weight poisons every score and merge after it: name the tensor now."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            raise CorruptWeightsError(where, f"the tensor {name} holds NaN or infinite values")
+
+
+def _refuse_problems(folder: Path, problems: Mapping[str, Sequence[str]]) -> None:
     if problems:
-        raise CorruptWeightsError(folder, f"weights do not match the config: {dict(problems)}")
+        raise CorruptWeightsError(folder, f"weights do not match the config: {describe_problems(problems)}")
 
 
 def _check_layer_count(folder: Path, model: PreTrainedModel, expected_layers: int) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from swm_hub import errors, exporters, pipeline
+from swm_hub.atomic import exit_on_sigterm
 from swm_hub.bench import bench as run_bench
 from swm_hub.calibration import TextSource
 from swm_hub.consolidate import MERGE_RULES
@@ -22,6 +23,7 @@ from swm_hub.model_cards import write_card
 from swm_hub.options import HELP, METHODS, CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.pipeline import PushRequest
 from swm_hub.progress import configure, quiet_requested
+from swm_hub.push import program_name
 from swm_hub.similarity import PAIRWISE_METRICS
 from swm_hub.zeroshot import PAPER_TASKS, zero_shot
 
@@ -155,7 +157,11 @@ def compress(
     ] = False,
     export_format: Annotated[
         list[str] | None,
-        typer.Option("--export", help="also export: onnx (into OUT/onnx)", show_default=False),
+        typer.Option(
+            "--export",
+            help="also export: onnx (into OUT/onnx) or genai (int4, into OUT/genai)",
+            show_default=False,
+        ),
     ] = None,
     push_repo: Annotated[
         bool, typer.Option("--push", help="upload the result to the Hub (see 'swm-hub push --help')")
@@ -327,6 +333,8 @@ EXPORT_EXAMPLES = """\b
 Examples:
   swm-hub export smollm2-swm-24L
   swm-hub export smollm2-swm-24L --out smollm2-swm-24L-onnx --overwrite
+  swm-hub export smollm2-swm-24L --format genai
+  swm-hub export smollm2-swm-24L --format genai --precision fp32 --out smollm2-swm-24L-genai-fp32
 """
 
 
@@ -337,23 +345,53 @@ def export(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="ONNX folder (default: MODEL_DIR/onnx)", show_default=False),
+        typer.Option(
+            "--out",
+            "-o",
+            help="output folder (default: MODEL_DIR/onnx or MODEL_DIR/genai)",
+            show_default=False,
+        ),
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 (needs --device cuda)")] = "fp32",
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="onnx (ONNX with KV cache) or genai (onnxruntime-genai's model builder, CPU)"
+        ),
+    ] = "onnx",
+    dtype: Annotated[str, typer.Option("--dtype", help="onnx: fp32, or fp16 (needs --device cuda)")] = "fp32",
+    precision: Annotated[
+        str | None,
+        typer.Option("--precision", help="genai: int4 (default, 4-bit weights) or fp32", show_default=False),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export to ONNX with KV cache (optimum, text-generation-with-past) and check it against torch.
+    """Export to ONNX with KV cache (torch.onnx.export; the names optimum and transformers.js read) and check it.
 
-    The check runs the same prompt through torch and ONNX Runtime and prints the largest absolute
-    difference of every output; a difference above the architecture's tolerance is an error.
-    Models over 2 GB get their weights in external data files.
+    Writes onnx/model.onnx (model_fp16.onnx for fp16) with config and tokenizer beside it. The check runs
+    a prefill and two decoding steps, batch 1 and a left-padded batch 2, through torch and ONNX Runtime
+    and prints the largest absolute difference of every output; a difference above the architecture's
+    tolerance is an error. Models over 2 GB get their weights in one model.onnx_data file.
+
+    With --format genai, onnxruntime-genai's model builder writes the model for its generator (extra
+    [genai]), and the check generates a few tokens greedily with it: fp32 logits must match torch's
+    within the tolerance; int4 must generate every token, and its agreement with torch is printed.
     """
     configure(quiet_requested(quiet))
-    result = exporters.export(model_dir, ("onnx",), out=out, dtype=dtype, device=device, overwrite=overwrite)[
-        "onnx"
-    ]
+    result = exporters.export(
+        model_dir,
+        (export_format,),
+        out=out,
+        dtype=dtype,
+        device=device,
+        overwrite=overwrite,
+        precision=precision,
+    )[export_format]
+    if isinstance(result, exporters.GenaiExportResult):
+        for line in result.lines():
+            _echo(line)
+        return
     for check in result.checks:
         _echo(check.line())
     _echo(f"wrote {result.path} ({result.size_mb:.1f} MB, max abs diff {result.max_abs_diff:.2e})")
@@ -364,6 +402,7 @@ Examples:
   swm-hub bench smollm2-swm-24L --baseline smollm2
   swm-hub bench smollm2-swm-24L --baseline smollm2 --json smollm2-swm-24L/bench.json
   swm-hub bench smollm2-swm-24L --baseline smollm2-onnx --backend onnxruntime --runs 3
+  swm-hub bench smollm2-swm-24L --baseline smollm2-genai --backend genai
 """
 
 
@@ -374,7 +413,11 @@ def bench(
         str | None, typer.Option("--baseline", help="the original model, to compare with", show_default=False)
     ] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="torch or onnxruntime (a folder with an ONNX export)")
+        str,
+        typer.Option(
+            "--backend",
+            help="torch, onnxruntime (a folder with an ONNX export) or genai (a folder with a genai export)",
+        ),
     ] = "torch",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length in tokens")] = 12,
@@ -473,7 +516,7 @@ def push(
 ) -> None:
     """Upload a compressed folder to the Hub in one commit: weights, ONNX, card, plan and heatmap.
 
-    The token comes from the usual huggingface_hub places (HF_TOKEN, or 'huggingface-cli login').
+    The token comes from the usual huggingface_hub places (HF_TOKEN, or 'hf auth login').
     """
     request = PushRequest(repo_id, private, revision, create_pr, commit_message, dry_run)
     for line in request.run(model_dir).lines():
@@ -505,8 +548,9 @@ def _hint(error: errors.SwmHubError) -> str:
 
 def main() -> None:
     """Run the app; an error of ours prints one line and a hint, and exits 1."""
+    exit_on_sigterm()  # SIGTERM cleans up (temporary folders, caches) like Ctrl-C
     try:
-        app()
+        app(prog_name=program_name())  # "hf swm" in usage lines when the hf CLI runs us as its extension
     except errors.SwmHubError as error:
         if os.environ.get("SWM_HUB_DEBUG", "") not in ("", "0"):
             raise

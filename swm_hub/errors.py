@@ -86,6 +86,21 @@ class ExportUnsupportedError(SwmHubError, ValueError):
         )
 
 
+class GenaiExportUnsupportedError(ExportUnsupportedError):
+    """A model that onnxruntime-genai's model builder refuses, or whose export onnxruntime-genai cannot run.
+
+    A subclass, so that a caller catching ``ExportUnsupportedError`` catches both exporters' refusals; only
+    the message names the other target.
+    """
+
+    def __init__(self, model_type: str, reason: str, supported: Sequence[str]) -> None:
+        super().__init__(model_type, reason, supported)
+        self.args = (
+            f"cannot export model type {model_type!r} with onnxruntime-genai: {reason}; model types it "
+            f"exports: {', '.join(self.supported)}",
+        )
+
+
 class ExportMismatchError(SwmHubError, ValueError):
     """An ONNX export whose outputs differ from the torch model's by more than the tolerance.
 
@@ -137,8 +152,8 @@ class MissingTokenError(SwmHubError, PermissionError):
     def __init__(self, retry_command: str) -> None:
         self.retry_command = retry_command
         super().__init__(
-            "no Hugging Face token found: log in with `huggingface-cli login` (or `hf auth login`), or set "
-            f"HF_TOKEN to a token with write access, then retry: {retry_command}"
+            "no Hugging Face token found: log in with `hf auth login`, or set HF_TOKEN to a token with write "
+            f"access, then retry: {retry_command}"
         )
 
 
@@ -172,3 +187,71 @@ class ResultFileError(SwmHubError, ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read the result file {self.path}: {reason}; regenerate it or delete it")
+
+
+class UnsafeOutputError(SwmHubError, ValueError):
+    """An ``--out`` whose replacement would destroy an input: the model, a folder holding it, or the working directory."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"refusing --out {path}: {reason}; choose another --out")
+
+
+class ForeignOutputError(SwmHubError, FileExistsError):
+    """A non-empty ``--out`` that swm-hub did not write, so ``--overwrite`` may not delete it."""
+
+    def __init__(self, path: Path, marker: str) -> None:
+        self.path = path
+        super().__init__(
+            f"output folder {path} holds files that swm-hub did not write (it has no {marker} marker), so "
+            "--overwrite will not delete it: remove it yourself or choose another --out"
+        )
+
+
+class OutputBusyError(SwmHubError, RuntimeError):
+    """Another run holds the lock on the same output folder."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        self.path = path
+        super().__init__(
+            f"another swm-hub run{holder} is writing {path}: wait for it to finish or choose another --out"
+        )
+
+
+class OutputWriteError(SwmHubError, OSError):
+    """The operating system refused a write for the output: disk full, read-only filesystem, no permission."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        self.path = path
+        where = f" ({cause.filename})" if cause.filename else ""
+        super().__init__(
+            f"cannot write the output {path}: {cause.strerror or cause}{where}; nothing was moved into place"
+        )
+        self.errno = cause.errno
+
+
+class InsufficientSpaceError(SwmHubError, OSError):
+    """Less free space than a run will need where it writes, found before any work is done."""
+
+    def __init__(self, path: Path, what: str, needed: int, free: int) -> None:
+        self.path = path
+        self.needed = needed
+        self.free = free
+        super().__init__(
+            f"not enough free space for {what} in {path}: about {needed / 1e6:,.1f} MB needed, "
+            f"{free / 1e6:,.1f} MB free"
+        )
+
+
+class PushCheckError(SwmHubError, PermissionError):
+    """A ``compress --push`` that cannot succeed, found before the model is loaded: no token, no write access."""
+
+    def __init__(self, repo: str, reason: str) -> None:
+        self.repo = repo
+        self.reason = reason
+        super().__init__(f"cannot push to {repo}: {reason}; nothing was computed: fix that, or drop --push")
+
+
+class InvalidMergeError(SwmHubError, ArithmeticError):
+    """A merge whose result is unusable (non-finite tensors, a missed target); nothing is moved into place."""

@@ -28,7 +28,7 @@ from swm_hub.errors import InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
 from swm_hub.layerwise import StreamedLayers, final_hidden_layerwise
 from swm_hub.merge import calibration_of
-from swm_hub.options import ExecutionOptions, MergeOptions
+from swm_hub.options import ExecutionOptions, MergeOptions, check_block_length
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull_for
 from swm_hub.similarity import io_redundancy, mean_cosine
@@ -222,6 +222,7 @@ def evaluate(
             f"unknown baseline {', '.join(unknown)}; choose from {', '.join(DROP_RULES)} or none"
         )
     merged = pull_for(str(model_dir), None, execution)
+    check_block_length(merged.config, seq_len)
     batches = _eval_batches(merged.tokenizer, text, blocks, seq_len)
     merged_row = PerplexityRow(
         f"merged: {plan.method}, {plan.merge} rule",

@@ -12,7 +12,10 @@ batch at a time. Peak memory is then about one layer, the embeddings, and the ac
 from __future__ import annotations
 
 import copy
+import fcntl
 import logging
+import os
+import shutil
 import tempfile
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
@@ -29,7 +32,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
-from swm_hub.checkpoint import build_skeleton, stored_tensor_names
+from swm_hub.atomic import check_free_space, pause_point
+from swm_hub.checkpoint import build_skeleton, refuse_non_finite, stored_tensor_names
 from swm_hub.errors import CorruptWeightsError
 from swm_hub.layer_trace import BatchTrace, LayerCall, apply_layer, decoder_layers, record_calls
 from swm_hub.shards import CheckpointReader
@@ -98,6 +102,7 @@ class StreamedLayers(LoadedOnAccess[nn.Module]):
         layer = copy.deepcopy(self.templates[index])
         prefix = f"{self.layers_path}.{index}."
         tensors = self.reader.read(self.tensor_names(index), dtype=self.dtype, device=self.device)
+        refuse_non_finite(tensors.items(), self.reader.folder)
         layer.load_state_dict({name[len(prefix) :]: t for name, t in tensors.items()}, assign=True)
         layer.to(self.device)
         layer.requires_grad_(False)
@@ -122,7 +127,9 @@ def load_skeleton(
     reader = CheckpointReader(folder, strip_prefix=model.base_model_prefix, model_name=names.model_name)
     outer = [name for name in model.state_dict() if not _in_layers(name, spec)]
     present = [name for name in outer if reader.has(name)]
-    model.load_state_dict(reader.read(present, dtype=dtype, device=device), strict=False, assign=True)
+    tensors = reader.read(present, dtype=dtype, device=device)
+    refuse_non_finite(tensors.items(), folder)
+    model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     _check_outer_loaded(model, spec, folder)
     for name, _buffer in list(model.named_buffers()):
@@ -180,11 +187,50 @@ class ActivationCache:
         return tensor
 
 
+CACHE_PREFIX = "swm-hub-activations-"
+CACHE_LOCK = ".lock"
+
+
 @contextmanager
 def activation_cache(device: torch.device) -> Iterator[ActivationCache]:
-    """A cache in a temporary folder (under ``TMPDIR``) that is deleted when the block ends."""
-    with tempfile.TemporaryDirectory(prefix="swm-hub-activations-") as folder:
+    """A cache in a temporary folder (under ``TMPDIR``) that is deleted when the block ends.
+
+    The folder holds a lock for as long as its run lives, so that the caches of killed runs (SIGKILL, a
+    power cut) can be told apart from those of live ones and are deleted by the next run.
+    """
+    remove_stale_caches(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=CACHE_PREFIX) as folder, _held(Path(folder) / CACHE_LOCK):
         yield ActivationCache(Path(folder), device)
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_caches(folder: Path) -> list[Path]:
+    """Delete the activation caches in ``folder`` whose run is gone: nobody holds their lock any more."""
+    removed = []
+    for cache in sorted(folder.glob(f"{CACHE_PREFIX}*")):
+        lock = cache / CACHE_LOCK
+        if cache.is_symlink() or not lock.is_file():
+            continue
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(cache, ignore_errors=True)
+        logger.warning("removed %s, the activation cache of an interrupted run", cache)
+        removed.append(cache)
+    return removed
 
 
 class CachedHidden(LoadedOnAccess[torch.Tensor]):
@@ -214,11 +260,14 @@ def trace_layerwise(
     Then each layer in turn is loaded, applied to every batch, and dropped.
     """
     current, calls = _layer_inputs(model, layers, batches)
+    positions = len(layers) + 1
+    per_position = sum(hidden.numel() * hidden.element_size() for hidden in current)
+    check_free_space(cache.folder, positions * per_position, "the layer-wise activation cache (TMPDIR)")
     cache.save(0, current)
+    pause_point("calibrating")
     for index in tqdm(range(len(layers)), desc="calibration (layer-wise)", disable=not progress, leave=False):
         current = apply_layer(layers[index], index, current, calls)
         cache.save(index + 1, current)
-    positions = len(layers) + 1
     return [
         BatchTrace(hidden=CachedHidden(cache, batch, positions), calls=batch_calls)
         for batch, batch_calls in enumerate(calls)

@@ -8,8 +8,8 @@ The merged model is never assembled by slicing the live model's ``ModuleList`` (
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,6 @@ from swm_hub.checkpoint import (
     build_model,
     build_skeleton,
     output_folder,
-    refuse_existing_output,
     save_model_folder,
     save_streamed_folder,
     state_dict_for,
@@ -42,10 +41,10 @@ from swm_hub.checkpoint import (
 from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.consolidate import MERGE_RULES, consolidate
 from swm_hub.devices import offloaded_modules
-from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
+from swm_hub.errors import ImpossibleTargetError, InvalidMergeError, InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
 from swm_hub.layerwise import StreamedLayers
-from swm_hub.options import CalibrationOptions, MergeOptions
+from swm_hub.options import CalibrationOptions, MergeOptions, check_block_length
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel
 from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
@@ -201,36 +200,51 @@ def write_merged(
     loaded: LoadedModel,
     plan: MergePlan,
     traces: Sequence[BatchTrace],
-    out: Path,
-    overwrite: bool,
+    folder: Path,
     report: SimilarityReport | None = None,
     progress: bool = False,
 ) -> MergeResult:
-    """Write the merged model, its tokenizer, generation config and plan to ``out``, checked before the move.
+    """Write the merged model, its tokenizer, generation config and plan into ``folder``, and check them.
 
-    A model in memory is saved whole and reloaded as a check; a streamed one is written layer by layer and
-    checked against its config from the safetensors headers, so that neither step holds the whole model.
+    ``folder`` is the temporary folder of ``output_folder``. A model in memory is saved whole and reloaded
+    as a check; a streamed one is written layer by layer and checked against its config from the
+    safetensors headers, so that neither step holds the whole model. A non-finite tensor is refused before
+    it is written.
     """
     extra_files = {PLAN_FILE: plan.to_json()}
-    with output_folder(out, overwrite) as temp:
-        if loaded.streamed is None:
-            params_after = _save_whole(loaded, plan, traces, temp, extra_files)
-        else:
-            params_after = _save_streamed(loaded, loaded.streamed, plan, traces, temp, extra_files, progress)
-        if report is not None:
-            report.save(temp)
+    if loaded.streamed is None:
+        params_after = _save_whole(loaded, plan, traces, folder, extra_files)
+    else:
+        params_after = _save_streamed(loaded, loaded.streamed, plan, traces, folder, extra_files, progress)
+    if report is not None:
+        report.save(folder)
     return MergeResult(
-        output_dir=out,
+        output_dir=folder,
         plan=plan,
         params_before=sum(p.numel() for p in loaded.model.parameters()),
         params_after=params_after,
     )
 
 
+def refuse_non_finite(name: str, tensor: torch.Tensor, plan: MergePlan) -> None:
+    """A NaN or infinity in a written tensor makes the model useless, however well it loads."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InvalidMergeError(
+            f"the merged tensor {name} holds NaN or infinite values (windows {plan.windows}, rule "
+            f"{plan.merge}, ridge {plan.ridge}): nothing was written; try another --merge rule or a larger --ridge"
+        )
+
+
+def _refuse_non_finite_state(state: Mapping[str, torch.Tensor], plan: MergePlan) -> None:
+    for name, tensor in state.items():
+        refuse_non_finite(name, tensor, plan)
+
+
 def _save_whole(
     loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], folder: Path, extra: dict[str, str]
 ) -> int:
     merged = build_merged_model(loaded, plan, traces, loaded.save_dtype)
+    _refuse_non_finite_state(merged.state_dict(), plan)
     save_model_folder(merged, loaded.tokenizer, folder, extra_files=extra)
     verify_folder_loads(folder, plan.layers_after)
     return sum(p.numel() for p in merged.parameters())
@@ -306,7 +320,9 @@ def _merged_tensors(
             )
             tensors = layer.state_dict()
             del layer
-        yield name, tensors[rest].to(dtype)
+        tensor = tensors[rest].to(dtype)
+        refuse_non_finite(name, tensor, plan)
+        yield name, tensor
 
 
 def calibration_of(plan: MergePlan | None, options: MergeOptions) -> CalibrationOptions:
@@ -331,28 +347,64 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
 ) -> MergeResult:
-    """Compress ``loaded`` into ``out``: search (unless a plan is given), consolidate, write, verify.
+    """Compress ``loaded`` into ``out``: search (unless a plan is given), consolidate, write, verify, move.
 
-    A saved plan skips the search; its ``fit`` rule still runs one calibration pass, because the refit is
-    computed from calibration activations (the other rules need none).
+    Everything is written into a temporary folder beside ``out`` that replaces it only once it has passed
+    its checks (see ``checkpoint.output_folder``).
     """
+    check_merge_inputs(loaded, options, plan)
+    with output_folder(out, overwrite, protected=[loaded.source.path]) as temp:
+        result = merge_into(loaded, temp, options, plan, progress)
+    return replace(result, output_dir=Path(out))
+
+
+def check_merge_inputs(loaded: LoadedModel, options: MergeOptions, plan: MergePlan | None) -> None:
+    """What can be refused before calibrating: a plan or a target that does not fit, an offloaded model."""
     num_layers = len(loaded.layers)
     if plan is not None:
         plan.check_fits(loaded.model.config.model_type, num_layers)
         kept_layers(num_layers, plan.windows)
     else:
         layers_to_remove(options, num_layers)
-    refuse_existing_output(out, overwrite)
+    if plan is None or MERGE_RULES[plan.merge].refit:
+        check_block_length(loaded.config, calibration_of(plan, options).seq_len)
     _refuse_offloaded(loaded)
+
+
+def merge_into(
+    loaded: LoadedModel,
+    folder: Path,
+    options: MergeOptions,
+    plan: MergePlan | None = None,
+    progress: bool = False,
+) -> MergeResult:
+    """Search (unless a plan is given), consolidate, and write the checked result into ``folder``.
+
+    ``folder`` is a temporary folder the caller moves into place. A saved plan skips the search; its ``fit``
+    rule still runs one calibration pass, because the refit is computed from calibration activations (the
+    other rules need none).
+    """
+    check_merge_inputs(loaded, options, plan)
     batches: list[torch.Tensor] = []
     if plan is None or MERGE_RULES[plan.merge].refit:
         batches = calibration_batches(loaded.tokenizer, calibration_of(plan, options))
     with traced_calibration(loaded, batches, progress) as traces:
         if plan is None:
             plan = plan_merge(loaded, traces, options, progress)
+            _refuse_missed_target(plan, options)
         logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
         report = _similarity_report(loaded, traces, plan) if traces else None
-        return write_merged(loaded, plan, traces, out, overwrite, report, progress)
+        return write_merged(loaded, plan, traces, folder, report, progress)
+
+
+def _refuse_missed_target(plan: MergePlan, options: MergeOptions) -> None:
+    """The search promises exactly the asked count; a shortfall (non-finite scores, say) must not pass as done."""
+    wanted = layers_to_remove(options, plan.num_layers)
+    if wanted is not None and plan.removed != wanted:
+        raise InvalidMergeError(
+            f"the search removed {plan.removed} layers (windows {plan.windows}) instead of the {wanted} asked "
+            "for: the similarity scores could not reach the target; nothing was written"
+        )
 
 
 def _refuse_offloaded(loaded: LoadedModel) -> None:

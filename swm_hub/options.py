@@ -6,10 +6,12 @@ things in the same place and a saved plan can record them field by field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.errors import InvalidOptionError
@@ -123,8 +125,8 @@ class MergeOptions:
             raise InvalidOptionError(
                 f"unknown merge rule {self.merge!r}; choose one of {', '.join(MERGE_RULES)}"
             )
-        if self.ridge <= 0:
-            raise InvalidOptionError(f"--ridge must be positive, got {self.ridge}")
+        if not math.isfinite(self.ridge) or self.ridge <= 0:
+            raise InvalidOptionError(f"--ridge must be a finite number above 0, got {self.ridge}")
 
     @property
     def preset(self) -> MethodPreset:
@@ -155,3 +157,17 @@ class ExecutionOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def check_block_length(config: PretrainedConfig, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse blocks longer than a model with learned positions has embeddings for (GPT-2's ``n_positions``).
+
+    Such a model indexes its position table with every token's position, so a longer block fails deep in
+    the forward pass with an index error; rotary models have no table and no such limit.
+    """
+    positions = getattr(config, "n_positions", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise InvalidOptionError(
+            f"{flag} {seq_len} is longer than the {positions} positions this {config.model_type} model has "
+            f"(n_positions): use {flag} {positions} or less"
+        )

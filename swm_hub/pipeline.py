@@ -7,15 +7,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from swm_hub.analyze import SimilarityReport, analyze_model
+from swm_hub.atomic import check_free_space
 from swm_hub.calibration import TextSource
+from swm_hub.checkpoint import output_folder
 from swm_hub.evaluate import evaluate
 from swm_hub.exporters import export
-from swm_hub.merge import MergeResult, merge
+from swm_hub.merge import MergeResult, merge_into
 from swm_hub.model_cards import write_card
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
 from swm_hub.plan import MergePlan
 from swm_hub.pull import pull_for
 from swm_hub.push import PushResult, push
+from swm_hub.push_checks import check_push_access
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_CALIBRATION = CalibrationOptions()
@@ -34,6 +37,7 @@ def analyze(
 ) -> SimilarityReport:
     """Pull ``model`` and measure how alike its layers are; with ``out_dir``, save JSON and heatmap there."""
     loaded = pull_for(model, revision, execution)
+    check_block_length(loaded.config, calibration.seq_len)
     return analyze_model(loaded, metric, calibration, max_tokens, out_dir, progress)
 
 
@@ -52,28 +56,49 @@ def compress(
 ) -> MergeResult:
     """Pull, merge, then (as asked) evaluate, export, write the model card, and push.
 
-    With ``run_eval``, the held-out perplexity of the result, the base model and the drop baselines is
-    measured and saved as ``eval.json`` beside the model. Each format in ``export_formats`` goes to a
-    subfolder (``onnx/``). The card (``README.md``) is written last from whatever was measured, so it
-    describes exactly what the folder holds, and ``push_to`` uploads the folder in one commit.
+    What can fail without the model (the output folder, its free space, the push's token and permission)
+    is checked before the model is loaded. Everything the run writes (the model, ``eval.json``, ``onnx/``,
+    the card) goes into one temporary folder that is moved into place once, at the end, so ``out`` never
+    holds a half-finished result; the push then uploads the finished folder in one commit.
     The evaluation runs in the execution mode of the merge: layer-wise, it streams the base model, the
     merged model and the baselines one layer at a time too.
     """
     plan = MergePlan.from_file(plan_file) if plan_file is not None else None
-    loaded = pull_for(model, revision, execution)
-    result = merge(loaded, out, options, plan=plan, overwrite=overwrite, progress=progress)
-    if run_eval:
-        report = evaluate(
-            out, TextSource(packaged="heldout"), progress=progress, base=loaded, execution=execution
-        )
-        report.save(out)
-        result = replace(result, evaluation=report)
-    if export_formats:
-        export(out, export_formats)
-    write_card(out)
+    # The plan is already in memory, so --out may replace the folder it came from; the model and the
+    # calibration text are read later.
+    inputs = [path for path in (Path(model).expanduser(), options.calibration.text) if path]
     if push_to is not None:
-        result = replace(result, pushed=push_to.run(out))
+        push_to.check()
+    with output_folder(out, overwrite, protected=[path for path in inputs if path.exists()]) as temp:
+        check_output_space(temp, Path(model).expanduser(), len(export_formats))
+        loaded = pull_for(model, revision, execution)
+        result = merge_into(loaded, temp, options, plan=plan, progress=progress)
+        if run_eval:
+            report = evaluate(
+                temp, TextSource(packaged="heldout"), progress=progress, base=loaded, execution=execution
+            )
+            report.save(temp)
+            result = replace(result, evaluation=report)
+        if export_formats:
+            export(temp, export_formats)
+        write_card(temp, name=Path(out).name)
+    result = replace(result, output_dir=Path(out))
+    if push_to is not None:
+        result = replace(result, pushed=push_to.run(Path(out)))
     return result
+
+
+def check_output_space(folder: Path, model: Path, exports: int) -> None:
+    """Refuse a run whose output will not fit, where the input's size on disk tells (a local folder).
+
+    The output has fewer layers than the input and is never stored wider than the checkpoint, so the
+    input's weights bound the model; an export holds another copy of them.
+    """
+    if not model.is_dir():
+        return
+    weights = sum(path.stat().st_size for path in model.glob("*.safetensors"))
+    weights += sum(path.stat().st_size for path in model.glob("*.bin"))
+    check_free_space(folder, weights * (1 + exports), f"the compressed model ({model.name})")
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,10 @@ class PushRequest:
     create_pr: bool = False
     commit_message: str | None = None
     dry_run: bool = False
+
+    def check(self) -> None:
+        """Refuse a push that cannot succeed (no token, no write access) before any work is done."""
+        check_push_access(self.repo_id, dry_run=self.dry_run)
 
     def run(self, folder: Path) -> PushResult:
         return push(

@@ -7,10 +7,13 @@ A plan is what ``swm_plan.json`` holds. It makes a compression reproducible and 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swm_hub.config_rewrite import kept_layers
+from swm_hub.consolidate import MERGE_RULES
 from swm_hub.errors import PlanMismatchError
 from swm_hub.version import __version__
 
@@ -69,9 +72,32 @@ class MergePlan:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             raw["windows"] = [_window(window) for window in raw["windows"]]
-            return cls(**raw)
-        except (OSError, ValueError, TypeError, KeyError) as err:
+            plan = cls(**raw)
+            plan.validate()
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
             raise PlanMismatchError(f"cannot read merge plan {path}: {err}") from err
+        return plan
+
+    def validate(self) -> None:
+        """Refuse a plan that could only be applied by guessing: every field a merge reads is checked here.
+
+        A plan is a file a user can edit, so its values get the checks the options get on the command line.
+        """
+        if type(self.num_layers) is not int or self.num_layers < 3:
+            raise ValueError(f"num_layers must be an integer of at least 3, got {self.num_layers!r}")
+        if self.merge not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {self.merge!r}; choose one of {', '.join(MERGE_RULES)}")
+        if type(self.ridge) not in (int, float) or not math.isfinite(self.ridge) or self.ridge <= 0:
+            raise ValueError(f"ridge must be a finite number above 0, got {self.ridge!r}")
+        if not self.windows:
+            raise ValueError("it has no windows, so applying it would only copy the model")
+        for low, high in self.windows:
+            if low < 1:
+                raise ValueError(f"window {low}..{high} touches layer 0, which no merge window may include")
+        try:
+            kept_layers(self.num_layers, self.windows)
+        except PlanMismatchError as err:
+            raise ValueError(str(err)) from err
 
     def check_fits(self, model_type: str, num_layers: int) -> None:
         """Refuse to apply a plan made for a model of another shape."""

@@ -47,6 +47,7 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from swm_hub.architectures import spec_for, spec_for_config, supported_model_types
+from swm_hub.checkpoint import build_skeleton, refuse_checkpoint_mismatch, refuse_non_finite
 from swm_hub.devices import choose_execution, execution_device, resolve_device, whole_model_device_map
 from swm_hub.errors import (
     CorruptWeightsError,
@@ -100,8 +101,14 @@ _GGUF_PARSE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     struct.error,
 )
-# What torch.load raises on a .bin that is not a pickle of tensors (its safe loader, torch >= 2.6).
-_BIN_LOAD_ERRORS: tuple[type[Exception], ...] = (pickle.UnpicklingError, EOFError)
+# What reading weights raises on bytes that are not weights: safetensors, the file system, and torch.load on a
+# .bin that is not a pickle of tensors (its safe loader, torch >= 2.6).
+_WEIGHT_READ_ERRORS: tuple[type[Exception], ...] = (
+    SafetensorError,
+    OSError,
+    pickle.UnpicklingError,
+    EOFError,
+)
 
 # Errors ``snapshot_download`` raises for a name, a permission, a revision or a network a user can fix.
 # LocalEntryNotFoundError (not an HTTP error since huggingface_hub 1.0) is how it says that it could not ask
@@ -288,6 +295,7 @@ def load_model(
     config = _checked_config(source)
     stored_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
     _check_safetensors_headers(source)
+    _check_fits_config(source, config)
     tokenizer = _load_tokenizer(source, config)
     mode = choose_execution(execution, lambda: _streamable_bytes(source, dtype), device)
     streamed = None
@@ -296,6 +304,7 @@ def load_model(
         model, streamed = load_skeleton(source.path, config, dtype, execution_device(device))
     else:
         model = _load_weights(source, config, dtype, device)
+        refuse_non_finite(model.named_parameters(), _files_of(source))
     model.train(False)  # = eval(), which has no annotations and so fails mypy --strict
     model.requires_grad_(False)
     logger.info(
@@ -571,6 +580,17 @@ def _check_safetensors_headers(source: ModelSource) -> None:
             ) from exc
 
 
+def _check_fits_config(source: ModelSource, config: PretrainedConfig) -> None:
+    """Compare the shards' tensor names and shapes with the model the config builds, before reading weights.
+
+    Both execution modes go through this, so a checkpoint missing a tensor, or a layer count that disagrees
+    with it, is refused the same way; ``.bin`` and GGUF weights have no headers to compare.
+    """
+    if _has_safetensors(source):
+        skeleton = build_skeleton(config.to_dict())
+        refuse_checkpoint_mismatch(source.path, CheckpointReader(source.path), skeleton)
+
+
 def _load_tokenizer(source: ModelSource, config: PretrainedConfig) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the model (or embedded in the GGUF file); ``config`` spares a GGUF re-parse."""
     try:
@@ -615,7 +635,7 @@ def _load_weights(
             dtype=dtype,
             device_map=whole_model_device_map(device),
         )
-    except (SafetensorError, OSError, *_BIN_LOAD_ERRORS) as exc:
+    except _WEIGHT_READ_ERRORS as exc:
         detail = str(exc.__cause__ or exc).strip().splitlines()[0]  # torch's unpickling advice runs for lines
         raise CorruptWeightsError(_files_of(source), f"the weights cannot be read ({detail})") from exc
     if source.gguf_file is not None:

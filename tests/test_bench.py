@@ -18,6 +18,7 @@ MODEL_FIELDS = {
     "name",
     "layers",
     "weights_mb",
+    "per_token_weights_mb",
     "prefill_ms",
     "decode_ms_per_token",
     "end_to_end_ms",
@@ -49,6 +50,7 @@ REPORT_FIELDS = {
     "speedup",
     "measured_speedup",
     "ideal_speedup",
+    "weight_ratio",
     "speedup_efficiency",
     "environment",
 }
@@ -62,6 +64,16 @@ def shallow_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shallow_llama_export(shallow_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder holding the four-layer llama's ONNX export in its onnx/ subfolder."""
+    from swm_hub.exporters import export_onnx
+
+    folder = tmp_path_factory.mktemp("compressed")
+    export_onnx(shallow_llama_dir, folder / "onnx")
     return folder
 
 
@@ -98,6 +110,14 @@ def test_torch_bench_reports_every_field_with_speedups(
     assert set(data["speedup"]) == STATS
     assert data["measured_speedup"] == data["speedup"]["end_to_end_ms"] > 0
     assert data["speedup_efficiency"] == pytest.approx(data["measured_speedup"] / 1.5)
+    # per-token weights: the layers and the untied LM head, not the gathered input embedding
+    per_layer = data["baseline"]["per_token_weights_mb"] - data["model"]["per_token_weights_mb"]
+    head = COMMON["vocab_size"] * COMMON["hidden_size"] * 4 / 2**20
+    assert data["model"]["per_token_weights_mb"] == pytest.approx(head + 2 * per_layer, rel=0.01)
+    assert data["weight_ratio"] == pytest.approx(
+        data["baseline"]["per_token_weights_mb"] / data["model"]["per_token_weights_mb"]
+    )
+    assert 1 < data["weight_ratio"] < 1.5
     assert {"torch", "transformers", "cpu_count", "loadavg_before"} <= set(data["environment"])
 
     lines = report.table_lines()
@@ -117,15 +137,16 @@ def test_single_model_has_no_speedup(tiny_model_dir: Callable[[str], Path]) -> N
     assert len(report.table_lines()) == 3 + len(STATS)  # title, header, rule, one line per measure
 
 
-def test_onnxruntime_bench_on_a_tiny_export(shallow_llama_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("optimum.onnxruntime")
+def test_onnxruntime_bench_on_tiny_exports(
+    tiny_model_dir: Callable[[str], Path], shallow_llama_dir: Path, shallow_llama_export: Path, tmp_path: Path
+) -> None:
     from swm_hub.exporters import export_onnx
 
-    export = export_onnx(shallow_llama_dir, tmp_path / "compressed" / "onnx").path
+    original = export_onnx(tiny_model_dir("llama"), tmp_path / "original-onnx").path
     # A model folder with an onnx/ subfolder, and an export folder itself, are both accepted.
     report = bench(
-        str(tmp_path / "compressed"),
-        baseline=str(export),
+        str(shallow_llama_export),
+        baseline=str(original),
         backend="onnxruntime",
         runs=2,
         new_tokens=4,
@@ -135,9 +156,34 @@ def test_onnxruntime_bench_on_a_tiny_export(shallow_llama_dir: Path, tmp_path: P
     assert set(data) == REPORT_FIELDS
     assert (data["backend"], data["dtype"], data["compiled"]) == ("onnxruntime", "fp32", False)
     _check_model_entry(data["model"], layers=4, runs=2)
-    _check_model_entry(data["baseline"], layers=4, runs=2)
+    _check_model_entry(data["baseline"], layers=6, runs=2)
     assert data["environment"]["onnxruntime"]
-    assert data["ideal_speedup"] == 1.0 and data["measured_speedup"] > 0
+    assert data["ideal_speedup"] == 1.5 and data["measured_speedup"] > 0
+    # the graph's per-token weights agree with torch's count of the same models
+    torch_report = bench(
+        str(shallow_llama_dir), baseline=str(tiny_model_dir("llama")), runs=1, warmup=0, new_tokens=2
+    )
+    assert data["weight_ratio"] == pytest.approx(torch_report.weight_ratio, rel=0.02)
+    assert "per-token weights (layers + LM head) ratio" in report.table_lines()[-1]
+
+
+def test_onnxruntime_bench_runs_our_loop_for_exactly_the_asked_tokens(
+    shallow_llama_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from swm_hub.exporters.ort_generate import OrtCausalLM
+
+    steps: list[int] = []
+    real_step = OrtCausalLM.step
+
+    def counted(self: OrtCausalLM, state: object, tokens: object) -> object:
+        steps.append(1)
+        return real_step(self, state, tokens)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(OrtCausalLM, "step", counted)
+    bench(
+        str(shallow_llama_export / "onnx"), backend="onnxruntime", runs=1, warmup=0, new_tokens=5, threads=1
+    )
+    assert len(steps) == 4  # the generation's decode steps; the timed prefill has none
 
 
 def test_onnxruntime_needs_an_export(tiny_model_dir: Callable[[str], Path]) -> None:

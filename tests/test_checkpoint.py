@@ -15,7 +15,7 @@ from conftest import COMMON, TINY_CONFIGS, TINY_LAYERS, TINY_TEXT
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from swm_hub import checkpoint
+from swm_hub import atomic
 from swm_hub.architectures import spec_for, spec_for_config
 from swm_hub.checkpoint import (
     build_model,
@@ -260,7 +260,12 @@ def test_extra_files_stay_inside_the_folder(tmp_path: Path) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but swm-hub's marker, which records a pid (checked by its own tests)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != atomic.MARKER_FILE
+    }
 
 
 @pytest.fixture
@@ -271,6 +276,7 @@ def existing(tmp_path: Path) -> Path:
     (target / "sub").mkdir(parents=True)
     (target / "old.txt").write_text("old", encoding="utf-8")
     (target / "sub" / "deep.txt").write_text("deep", encoding="utf-8")
+    atomic.mark(target)
     return target
 
 
@@ -279,9 +285,10 @@ def test_temp_folder_is_a_hidden_sibling(tmp_path: Path) -> None:
     with output_folder(target, overwrite=False) as temp:
         assert temp.parent == target.parent
         assert temp.name.startswith(".out.tmp-")
-        assert temp.is_dir() and not any(temp.iterdir())
+        assert temp.is_dir() and [p.name for p in temp.iterdir()] == [atomic.MARKER_FILE]
         (temp / "new.txt").write_text("new", encoding="utf-8")
     assert snapshot(target) == {"new.txt": b"new"}
+    assert atomic.is_marked(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -346,17 +353,27 @@ def test_overwrite_replaces_the_contents(existing: Path) -> None:
     assert sorted(p.name for p in existing.parent.iterdir()) == ["out", "sibling.txt"]
 
 
-def test_a_failed_move_puts_the_old_target_back(existing: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("exchange", ["atomic", "two renames"])
+def test_a_failed_move_puts_the_old_target_back(
+    existing: Path, monkeypatch: pytest.MonkeyPatch, exchange: str
+) -> None:
     before = snapshot(existing.parent)
     real_replace = os.replace
+
+    def failing_exchange(first: Path, second: Path) -> bool:
+        raise OSError(28, "No space left on device", str(second))
 
     def failing_replace(src: Any, dst: Any) -> None:
         if ".tmp-" in Path(src).name:
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"), output_folder(existing, overwrite=True) as temp:
+    if exchange == "atomic":
+        monkeypatch.setattr(atomic, "exchange", failing_exchange)
+    else:
+        monkeypatch.setattr(atomic, "exchange", lambda first, second: False)
+        monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full|No space"), output_folder(existing, overwrite=True) as temp:
         (temp / "new.txt").write_text("new", encoding="utf-8")
     assert snapshot(existing.parent) == before
     assert sorted(p.name for p in existing.parent.iterdir()) == ["out", "sibling.txt"]

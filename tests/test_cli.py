@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BertConfig
 from typer.testing import CliRunner
 
-from swm_hub import cli, errors, pipeline
+from swm_hub import atomic, cli, errors, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -63,6 +63,13 @@ HINTLESS = {
     "PushError",
     "PushPermissionError",
     "ResultFileError",
+    "UnsafeOutputError",
+    "ForeignOutputError",
+    "OutputBusyError",
+    "OutputWriteError",
+    "InsufficientSpaceError",
+    "PushCheckError",
+    "InvalidMergeError",
 }
 
 
@@ -559,6 +566,7 @@ def test_compress_overwrite_replaces_existing_output(
     out = tmp_path / "taken"
     out.mkdir()
     (out / "old.txt").write_text("old", encoding="utf-8")
+    (out / atomic.MARKER_FILE).write_text("{}", encoding="utf-8")  # a folder swm-hub wrote
     args = ["compress", str(tiny_llama_dir), "--plan", str(compressed.out / "swm_plan.json")]
     result = CliRunner().invoke(cli.app, [*args, "--out", str(out), "--overwrite", "--quiet"])
     assert result.exit_code == 0, result.output

@@ -129,7 +129,7 @@ def test_an_error_through_hf_is_one_line_whose_retry_says_hf_swm(
         score="cka",
         criterion="threshold",
         merge="mean",
-        ridge=0.0,
+        ridge=0.3,
         threshold=0.9,
         target={"target_layers": 4},
         calibration={},

@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM
 
 from swm_hub import merge as merge_module
 from swm_hub.architectures import spec_for
-from swm_hub.errors import ImpossibleTargetError, InvalidOptionError, OutputExistsError, PlanMismatchError
+from swm_hub.atomic import is_marked, mark
+from swm_hub.errors import (
+    ForeignOutputError,
+    ImpossibleTargetError,
+    InvalidOptionError,
+    OutputExistsError,
+    PlanMismatchError,
+)
 from swm_hub.merge import MergeResult, layers_to_remove, merge
 from swm_hub.options import METHODS, CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
@@ -327,8 +334,21 @@ def test_overwrite_replaces_the_folder(
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old", encoding="utf-8")
+    mark(out)
     result = merge(llama, out, MergeOptions(target_layers=TARGET, calibration=calibration), overwrite=True)
     assert not (out / "keep.txt").exists()
-    assert (out / "config.json").is_file() and (out / PLAN_FILE).is_file()
+    assert (out / "config.json").is_file() and (out / PLAN_FILE).is_file() and is_marked(out)
     assert MergePlan.from_file(out / PLAN_FILE) == result.plan
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "the old folder must not be left aside"
+
+
+def test_overwrite_refuses_a_folder_swm_hub_did_not_write(
+    llama: LoadedModel, calibration: CalibrationOptions, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(ForeignOutputError, match="did not write"):
+        merge(llama, out, MergeOptions(target_layers=TARGET, calibration=calibration), overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -318,7 +318,8 @@ def test_onnx_folder_gives_the_onnx_runtime_snippet(result_folder: Path) -> None
 
     card = render_card(result_folder, repo_id="me/tiny")
 
-    assert 'ORTModelForCausalLM.from_pretrained(model_id, subfolder="onnx")' in card
+    assert 'model = OrtCausalLM.load(folder / "onnx")' in card
+    assert 'snapshot_download("me/tiny")' in card
     assert "onnx" in ModelCard(card).data.tags
 
 

@@ -1,10 +1,16 @@
-"""Check an ONNX export against the torch model it came from, output by output.
+"""Check an ONNX export against the torch model it came from, output by output, over a short generation.
 
-The torch model and ``ORTModelForCausalLM`` (the class a user loads the export with) read the same fixed
-English prompt, encoded by the model's own tokenizer. Both then take one decoding step from their own KV
-cache with the same next token, so the path a generation spends most of its time in is checked too. Each
-output (prefill logits, every layer's present key and value, decode-step logits) gets its largest absolute
-difference, one ✓/✗ log line, and a typed failure when any is over the tolerance.
+Two cases run on both sides: the fixed English prompt alone (batch 1), and the same prompt beside its first
+half left-padded to the same length (batch 2), which is how a batch reaches a model in ``generate``. Where
+the model has a sliding window that fits ``MAX_VALIDATION_TOKENS``, the prompt is repeated to run past it,
+so that the window's mask is exercised. Each case is a prefill followed by ``DECODE_STEPS`` decoding steps
+that read the cache: transformers' own forward with its own cache on the torch side, our ONNX Runtime loop
+(``ort_generate``) on the other, both fed the tokens torch chose, so that a near tie cannot send them apart.
+
+Each output (the prefill logits, every layer's present key and value after the last step, and the decoding
+steps' logits) gets its largest absolute difference over both cases and over the positions that hold real
+tokens (what a padded position holds is never read), one ✓/✗ log line, and a typed failure when any is
+over the tolerance.
 """
 
 from __future__ import annotations
@@ -13,30 +19,31 @@ import gc
 import importlib.util
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swm_hub.architectures import spec_for_config
 from swm_hub.errors import (
-    CorruptWeightsError,
     DeviceUnavailableError,
     ExportMismatchError,
     InvalidOptionError,
     MissingDependencyError,
 )
+from swm_hub.exporters.ort_generate import OrtCausalLM, ort_provider, position_ids
 
 __all__ = [
+    "DECODE_STEPS",
     "DEVICES",
+    "MAX_VALIDATION_TOKENS",
     "VALIDATION_PROMPT",
     "OutputCheck",
     "check_device",
-    "load_ort_model",
-    "ort_provider",
     "require_onnx_runtime",
     "torch_dtype_for",
     "validate_export",
@@ -49,9 +56,13 @@ VALIDATION_PROMPT: str = (
     "The old lighthouse keeper climbed the narrow stairs every evening, lit the great lamp, and watched the "
     "ships pass safely through the dark water below."
 )
+DECODE_STEPS: int = 2
+# A sliding window up to this many tokens is run past; a longer one (Mistral's 4096) would make the check
+# slow on a CPU and is left to the mask logic the shorter windows exercise.
+MAX_VALIDATION_TOKENS: int = 1024
+DECODE_LOGITS: str = "logits.decode"
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
-_PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_ONNX_EXTRA = "pip install 'swm-hub[onnx]' (optimum-onnx, onnx and onnxruntime)"
+_ONNX_EXTRA = "pip install 'swm-hub[onnx]' (onnx, onnxscript and onnxruntime)"
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,12 @@ class OutputCheck:
     """One output compared between torch and ONNX Runtime.
 
     Attributes:
-        name: the output's name: ``logits``, ``present.{i}.key``, ``present.{i}.value`` or
-            ``logits.decode`` (the logits of one decoding step that reads the KV cache).
-        max_abs_diff: the largest absolute difference over all elements (``inf`` for a shape mismatch,
-            ``nan`` when either side holds NaN).
+        name: the output's name: ``logits`` (prefill), ``present.{i}.key``, ``present.{i}.value`` (the
+            cache after the last step), or ``logits.decode`` (the decoding steps' logits).
+        max_abs_diff: the largest absolute difference over both cases and all real positions (``inf`` for
+            a shape mismatch, ``nan`` when either side holds NaN).
         atol: the tolerance it was held to.
-        shape: the torch output's shape.
+        shape: the torch output's shape in the batch-2 case.
     """
 
     name: str
@@ -105,7 +116,7 @@ def validate_export(
     device: str = "cpu",
     prompt: str = VALIDATION_PROMPT,
 ) -> list[OutputCheck]:
-    """Compare the ONNX export in ``onnx_dir`` with the torch model in ``model_dir`` on one prompt.
+    """Compare the ONNX export in ``onnx_dir`` with the torch model in ``model_dir`` over a short generation.
 
     ``atol`` defaults to the registry's ``onnx_atol`` (``onnx_atol_fp16`` for float16). On ``cuda`` both
     run on the GPU; ONNX Runtime then needs its CUDA execution provider (``onnxruntime-gpu``).
@@ -117,26 +128,28 @@ def validate_export(
         ExportMismatchError: an output differs by more than ``atol`` (or has another shape, or NaN); it
             carries every output's difference.
         DeviceUnavailableError: ``cuda`` without a GPU, or without ONNX Runtime's CUDA provider.
-        CorruptWeightsError: the export cannot be loaded by ONNX Runtime.
+        CorruptWeightsError: the export cannot be loaded by ONNX Runtime, or is no decoder with KV cache.
     """
     check_device(device, onnx=True)
     torch_dtype = torch_dtype_for(dtype)
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
+    config = AutoConfig.from_pretrained(model_dir)
     if atol is None:
-        spec = spec_for_config(AutoConfig.from_pretrained(model_dir))
+        spec = spec_for_config(config)
         atol = spec.onnx_atol_fp16 if dtype == "fp16" else spec.onnx_atol
-    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
-    encoded = tokenizer(prompt, return_tensors="pt")
-    input_ids = encoded["input_ids"].to(device)
-    attention_mask = torch.ones_like(input_ids)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+    cases = _cases(tokenizer, prompt, _sliding_window(config))
 
-    reference, next_token = _torch_outputs(model_dir, input_ids, attention_mask, torch_dtype, device)
-    ort_model = load_ort_model(onnx_dir, device)
-    candidate, _ = _outputs(ort_model, input_ids, attention_mask, next_token)
+    references = _torch_traces(model_dir, cases, torch_dtype, device)
+    ort_model = OrtCausalLM.load(onnx_dir, device)
+    candidates = [
+        _ort_trace(ort_model, case, reference.tokens)
+        for case, reference in zip(cases, references, strict=True)
+    ]
     del ort_model
     gc.collect()
 
-    checks = [_compare(name, reference[name], candidate.get(name), atol) for name in reference]
+    checks = _compare(references, candidates, atol)
     for check in checks:
         (logger.info if check.passed else logger.error)("%s", check.line())
     if not all(check.passed for check in checks):
@@ -144,7 +157,7 @@ def validate_export(
     return checks
 
 
-# --- devices and runtimes (shared with the benchmark) ------------------------------------------------------
+# --- devices and runtimes (shared with the exporter and the benchmark) ---------------------------------------
 
 
 def check_device(device: str, onnx: bool = False) -> None:
@@ -160,17 +173,12 @@ def check_device(device: str, onnx: bool = False) -> None:
         require_onnx_runtime()
         import onnxruntime
 
-        if _PROVIDERS["cuda"] not in onnxruntime.get_available_providers():
+        if ort_provider("cuda") not in onnxruntime.get_available_providers():
             raise DeviceUnavailableError(
                 "cuda",
                 "this onnxruntime build has no CUDAExecutionProvider: install onnxruntime-gpu instead of "
                 "onnxruntime, or use --device cpu",
             )
-
-
-def ort_provider(device: str) -> str:
-    """The ONNX Runtime execution provider for a device name."""
-    return _PROVIDERS[device]
 
 
 def torch_dtype_for(dtype: str) -> torch.dtype:
@@ -182,148 +190,187 @@ def torch_dtype_for(dtype: str) -> torch.dtype:
 
 def require_onnx_runtime() -> None:
     """Fail with an install hint when the optional ONNX packages are missing."""
-    for module, package in (("onnxruntime", "onnxruntime"), ("optimum.onnxruntime", "optimum-onnx")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            raise MissingDependencyError(package, _ONNX_EXTRA)
+    for module in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(module, _ONNX_EXTRA)
 
 
-def load_ort_model(onnx_dir: Path, device: str, threads: int | None = None) -> Any:
-    """An ``ORTModelForCausalLM`` with its KV cache, on the provider of ``device``.
+# --- the cases -----------------------------------------------------------------------------------------------
 
-    ``threads`` sets ONNX Runtime's intra-op thread count (default: one per physical core).
+
+@dataclass(frozen=True)
+class _Case:
+    """A batch of prompt token ids and its attention mask (0 on left padding)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def _cases(tokenizer: Any, prompt: str, window: int | None) -> list[_Case]:
+    """Batch 1 (the prompt, run past a short sliding window) and batch 2 (beside its left-padded half)."""
+    ids: list[int] = list(tokenizer(prompt)["input_ids"])
+    if window is not None and window < MAX_VALIDATION_TOKENS:
+        more: list[int] = list(tokenizer(" " + prompt, add_special_tokens=False)["input_ids"])
+        while len(ids) <= window + DECODE_STEPS:
+            ids += more
+    elif window is not None:
+        logger.info("sliding window of %d tokens: longer than the validation prompt (%d)", window, len(ids))
+    half = ids[: max(1, len(ids) // 2)]
+    pad = _pad_token_id(tokenizer)
+    padded = [pad] * (len(ids) - len(half)) + half
+    return [
+        _Case(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64)),
+        _Case(
+            np.array([ids, padded], np.int64),
+            np.array([[1] * len(ids), [0] * (len(ids) - len(half)) + [1] * len(half)], np.int64),
+        ),
+    ]
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+# --- the two sides -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Trace:
+    """What one side produced for one case, as float32 numpy arrays on the host.
+
+    Attributes:
+        logits: the prefill's ``[batch, prompt, vocab]``.
+        decode_logits: the decoding steps' ``[batch, steps, vocab]``.
+        presents: each layer's key and value after the last step, in ``present.{i}.key/value`` order.
+        attention_mask: the mask after the last step, ``[batch, prompt + steps]``.
+        tokens: the greedy tokens each decoding step read, ``[batch, 1]`` each.
     """
-    require_onnx_runtime()
-    import onnxruntime
-    from optimum.onnxruntime import ORTModelForCausalLM
 
-    options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    try:
-        model = ORTModelForCausalLM.from_pretrained(
-            onnx_dir,
-            provider=ort_provider(device),
-            session_options=options,
-            use_cache=True,
-            local_files_only=True,
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CorruptWeightsError(onnx_dir, f"ONNX Runtime cannot load the export ({exc})") from exc
-    _match_cache_shape(model)
-    return model
-
-
-def _match_cache_shape(model: Any) -> None:
-    """Size the empty first-step KV cache from the ONNX graph itself rather than from the config.
-
-    ``ORTModelForCausalLM`` (optimum-onnx 0.1.0) derives the cache's heads and head size from config fields
-    that it reads per model type; for types outside its lists (gemma2, phi3) it assumes as many KV heads as
-    attention heads and ``hidden_size / heads`` per head, which is wrong with grouped-query attention or an
-    explicit ``head_dim``, and the first forward then fails. The graph's input declares both sizes.
-    """
-    names = getattr(model, "key_value_input_names", ())
-    if not names or not hasattr(model, "num_key_value_heads"):
-        return
-    declared = {node.name: node.shape for node in model.session.get_inputs()}
-    shape = declared.get(names[0])
-    if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
-        return
-    if (model.num_key_value_heads, getattr(model, "embed_size_per_head", None)) != (shape[1], shape[3]):
-        logger.debug("KV cache of %s: %d heads of %d (config gave other sizes)", names[0], shape[1], shape[3])
-        model.num_key_value_heads = shape[1]
-        model.embed_size_per_head = shape[3]
-
-
-# --- the two sides -----------------------------------------------------------------------------------------
+    logits: np.ndarray
+    decode_logits: np.ndarray
+    presents: list[np.ndarray]
+    attention_mask: np.ndarray
+    tokens: list[np.ndarray] = field(default_factory=list)
 
 
 @torch.no_grad()
-def _torch_outputs(
-    model_dir: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype, device: str
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The reference outputs, and the greedy next token that both decode steps read."""
+def _torch_traces(model_dir: Path, cases: list[_Case], dtype: torch.dtype, device: str) -> list[_Trace]:
+    """The reference: transformers' forward with its own cache, and the greedy tokens both sides read."""
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = model.to(device)
     model.train(False)
-    outputs, next_token = _outputs(model, input_ids, attention_mask, None)
+    traces = [_torch_trace(model, case, device) for case in cases]
     del model
     gc.collect()
-    return outputs, next_token
+    return traces
 
 
-@torch.no_grad()
-def _outputs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, next_token: torch.Tensor | None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Prefill logits and presents, then the logits of one decode step that reads the model's own KV cache.
-
-    Works for a torch ``*ForCausalLM`` and for ``ORTModelForCausalLM`` alike (same call signature); without
-    ``next_token`` the step reads the greedy choice of the prefill.
-    """
-    first = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    outputs = {"logits": first.logits.float().cpu()}
-    for index, (key, value) in enumerate(_kv_pairs(first.past_key_values)):
-        outputs[f"present.{index}.key"] = key.float().cpu()
-        outputs[f"present.{index}.value"] = value.float().cpu()
-    if next_token is None:
-        next_token = first.logits[:, -1:].argmax(dim=-1)
-    second = model(
-        input_ids=next_token,
-        attention_mask=torch.cat([attention_mask, torch.ones_like(next_token)], dim=1),
-        past_key_values=first.past_key_values,
+def _torch_trace(model: Any, case: _Case, device: str) -> _Trace:
+    mask = case.attention_mask
+    outputs = model(
+        input_ids=torch.from_numpy(case.input_ids).to(device),
+        attention_mask=torch.from_numpy(mask).to(device),
+        position_ids=torch.from_numpy(position_ids(mask)).to(device),
         use_cache=True,
     )
-    outputs["logits.decode"] = second.logits.float().cpu()
-    return outputs, next_token
+    prefill = _host(outputs.logits)
+    tokens, steps = [], []
+    for _ in range(DECODE_STEPS):
+        tokens.append(_host(outputs.logits[:, -1:]).argmax(axis=-1).astype(np.int64))
+        mask = np.concatenate([mask, np.ones_like(tokens[-1])], axis=1)
+        outputs = model(
+            input_ids=torch.from_numpy(tokens[-1]).to(device),
+            attention_mask=torch.from_numpy(mask).to(device),
+            position_ids=torch.from_numpy(position_ids(mask)[:, -1:]).to(device),
+            cache=outputs.cache,
+            use_cache=True,
+        )
+        steps.append(_host(outputs.logits))
+    presents = [_host(tensor) for tensor in _cache_tensors(outputs.cache)]
+    return _Trace(prefill, np.concatenate(steps, axis=1), presents, mask, tokens)
 
 
-def _kv_pairs(cache: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, value) per layer from a transformers ``Cache`` or the legacy tuple of tuples ORT returns."""
-    if cache is None:
-        return
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            yield layer.keys, layer.values
-        return
-    for pair in cache:
-        yield _pair(pair)
+def _ort_trace(model: OrtCausalLM, case: _Case, tokens: list[np.ndarray]) -> _Trace:
+    state = model.prefill(case.input_ids, case.attention_mask)
+    prefill = _ort_host(state.logits)
+    steps = []
+    for chosen in tokens:
+        state = model.step(state, chosen)
+        steps.append(_ort_host(state.logits))
+    presents = [_ort_host(value) for value in state.presents]
+    return _Trace(prefill, np.concatenate(steps, axis=1), presents, state.attention_mask)
 
 
-def _pair(pair: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    key, value = pair[0], pair[1]
-    return key, value
+def _cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    for layer in cache.layers:
+        yield layer.keys
+        yield layer.values
 
 
-def _trailing_window(expected: torch.Tensor, actual: torch.Tensor | None) -> torch.Tensor | None:
-    """Align a sliding-window layer's cache: torch keeps only the last positions, the export keeps them all.
-
-    A present of shape ``[batch, heads, positions, head_dim]`` that is shorter in torch but equal otherwise
-    is compared on the export's last positions, which are the ones the window keeps.
-    """
-    if actual is None or expected.dim() != 4 or actual.dim() != 4:
-        return actual
-    kept = expected.shape[-2]
-    same_elsewhere = expected.shape[:-2] == actual.shape[:-2] and expected.shape[-1] == actual.shape[-1]
-    if same_elsewhere and 0 < kept < actual.shape[-2]:
-        return actual[..., -kept:, :]
-    return actual
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    array: np.ndarray = tensor.detach().float().cpu().numpy()
+    return array
 
 
-def _compare(name: str, expected: torch.Tensor, actual: torch.Tensor | None, atol: float) -> OutputCheck:
-    """The max absolute difference of one output; a missing output or another shape counts as ``inf``."""
-    shape = tuple(expected.shape)
-    actual = _trailing_window(expected, actual)
-    if actual is None or tuple(actual.shape) != shape:
-        got = "missing" if actual is None else str(list(actual.shape))
-        logger.error("%s: torch shape %s, ONNX Runtime %s", name, list(shape), got)
-        return OutputCheck(name=name, max_abs_diff=math.inf, atol=atol, shape=shape)
-    diff = (expected - actual).abs()
-    worst = float(diff.max()) if diff.numel() else 0.0
-    if bool(torch.isnan(diff).any()):
-        worst = math.nan
-    return OutputCheck(name=name, max_abs_diff=worst, atol=atol, shape=shape)
+def _ort_host(value: Any) -> np.ndarray:
+    array: np.ndarray = np.asarray(value.numpy(), dtype=np.float32)
+    return array
+
+
+# --- the comparison ------------------------------------------------------------------------------------------
+
+
+def _compare(references: list[_Trace], candidates: list[_Trace], atol: float) -> list[OutputCheck]:
+    """One check per output, each the worst over the cases."""
+    layers = len(references[0].presents) // 2
+    names = ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    names.append(DECODE_LOGITS)
+    checks = []
+    for index, name in enumerate(names):
+        diffs = [_case_diff(index, name, ref, got) for ref, got in zip(references, candidates, strict=True)]
+        shape = tuple(_output(references[-1], index, name).shape)
+        worst = math.nan if any(math.isnan(diff) for diff in diffs) else max(diffs)
+        checks.append(OutputCheck(name=name, max_abs_diff=worst, atol=atol, shape=shape))
+    return checks
+
+
+def _output(trace: _Trace, index: int, name: str) -> np.ndarray:
+    if name == "logits":
+        return trace.logits
+    if name == DECODE_LOGITS:
+        return trace.decode_logits
+    return trace.presents[index - 1]
+
+
+def _case_diff(index: int, name: str, reference: _Trace, candidate: _Trace) -> float:
+    """The max difference of one output in one case, over the positions that hold real tokens."""
+    expected = _output(reference, index, name)
+    actual = _output(candidate, index, name)
+    if name == DECODE_LOGITS:
+        real = np.ones(expected.shape[:2], dtype=bool)
+    elif name == "logits":
+        real = reference.attention_mask[:, : expected.shape[1]] == 1
+    else:
+        # A sliding-window layer's torch cache keeps only the last positions; the export keeps them all.
+        kept = expected.shape[-2]
+        actual = actual[..., -kept:, :] if 0 < kept < actual.shape[-2] else actual
+        real = reference.attention_mask[:, -kept:] == 1
+    if actual.shape != expected.shape:
+        logger.error("%s: torch shape %s, ONNX Runtime %s", name, list(expected.shape), list(actual.shape))
+        return math.inf
+    diff = np.abs(expected - actual)
+    if name.startswith("present."):
+        diff = np.moveaxis(diff, 2, 1)  # [batch, positions, heads, head_dim], so the mask indexes positions
+    selected = diff[real]
+    if np.isnan(selected).any():
+        return math.nan
+    return float(selected.max()) if selected.size else 0.0

@@ -267,10 +267,14 @@ def render_card(folder: Path, repo_id: str | None = None) -> str:
     return render_context(build_context(Path(folder), repo_id))
 
 
-def write_card(folder: Path, repo_id: str | None = None) -> Path:
-    """Write README.md into ``folder`` atomically (a temporary file beside it, then ``os.replace``)."""
+def write_card(folder: Path, repo_id: str | None = None, name: str | None = None) -> Path:
+    """Write README.md into ``folder`` atomically (a temporary file beside it, then ``os.replace``).
+
+    ``name`` is the folder's name once it is in place, for a card written into ``compress``'s temporary
+    folder (whose own name would otherwise appear in the loading and reproducing commands).
+    """
     folder = Path(folder)
-    content = render_card(folder, repo_id)
+    content = render_context(build_context(folder, repo_id, name))
     target = write_text_atomically(folder / CARD_FILE, content)
     logger.info("wrote %s", target)
     return target
@@ -331,9 +335,13 @@ def default_repo_name(plan: MergePlan) -> str:
 # --- building the context ----------------------------------------------------------------------------------
 
 
-def build_context(folder: Path, repo_id: str | None = None) -> CardContext:
-    """Read every result file in ``folder`` into a ``CardContext`` (see ``render_card`` for errors)."""
+def build_context(folder: Path, repo_id: str | None = None, name: str | None = None) -> CardContext:
+    """Read every result file in ``folder`` into a ``CardContext`` (see ``render_card`` for errors).
+
+    ``name`` stands for ``folder.name`` in the commands the card shows (see ``write_card``).
+    """
     folder = Path(folder)
+    name = name or folder.name
     plan_path = folder / PLAN_FILE
     if not plan_path.is_file():
         raise UnknownModelError(
@@ -344,7 +352,7 @@ def build_context(folder: Path, repo_id: str | None = None) -> CardContext:
     has_onnx = onnx.is_dir() and any(onnx.glob("*.onnx"))
     context = CardContext(
         model_name=default_repo_name(plan),
-        load_id=folder.name,
+        load_id=name,
         repo_id=None,
         base=_base_info(plan),
         model_type=plan.model_type,
@@ -359,8 +367,8 @@ def build_context(folder: Path, repo_id: str | None = None) -> CardContext:
         perplexity=_perplexity(folder / EVAL_FILE, plan),
         latency=_latency(folder / BENCH_FILE),
         onnx_folder=ONNX_FOLDER if has_onnx else None,
-        reproduce=reproduce_command(plan, folder.name),
-        reproduce_plan=reproduce_command(plan, folder.name, with_plan=True),
+        reproduce=reproduce_command(plan, name),
+        reproduce_plan=reproduce_command(plan, name, with_plan=True),
         license=base_license(plan),
         tags=[*CARD_TAGS, plan.model_type, *(["onnx"] if has_onnx else [])],
         paper_url=PAPER_URL,
