@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,6 +26,8 @@ from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.calibration import TextSource
 from swm_hub.cli import app
 from swm_hub.evaluate import DROP_RULES, evaluate, perplexity, windows_for_dropped
+from swm_hub.exporters.onnx import export_onnx
+from swm_hub.exporters.ort_generate import OrtCausalLM
 from swm_hub.layer_trace import BatchTrace
 from swm_hub.merge import build_merged_model, merge, plan_merge
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
@@ -115,6 +118,13 @@ def test_cli_compress_writes_a_model_that_loads_and_generates(tmp_path: Path) ->
     print(f"\ncompressed SmolLM2 ({KEPT} layers): 'The capital of France is' -> {text!r}")
     assert len(new_tokens) > 0
     assert text.strip()
+
+    # The ONNX export of the real model: validated against torch, and our loop picks the same greedy tokens.
+    exported = export_onnx(out, tmp_path / "onnx")
+    assert exported.max_abs_diff < 1e-3
+    ids = prompt.input_ids.numpy()
+    onnx_tokens = OrtCausalLM.load(exported.path).generate(ids, np.ones_like(ids), len(new_tokens))
+    assert onnx_tokens[0].tolist() == new_tokens.tolist()
 
 
 def test_default_merge_beats_dropping_by_block_influence(
