@@ -94,6 +94,7 @@ class PushResult:
     commit_url: str | None = None
     commit_oid: str | None = None
     pr_url: str | None = None
+    changed: bool = True
 
     @property
     def total_bytes(self) -> int:
@@ -111,6 +112,11 @@ class PushResult:
                 generated = "  (model card, generated)" if file.source is None else ""
                 lines.append(f"  {file.path_in_repo.ljust(width)}  {_size(file.size):>10}{generated}")
             return lines
+        if not self.changed:
+            return [
+                f"nothing to push: {where} already holds these {len(self.files)} files ({size}); "
+                f"no commit{' or pull request' if self.create_pr else ''} was made"
+            ]
         lines = [f"uploaded {len(self.files)} files ({size}) to {where}{how}"]
         if self.commit_url:
             lines.append(f"commit: {self.commit_url}")
@@ -174,6 +180,9 @@ def push(
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and not create_pr and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # huggingface_hub drops files the revision already holds, and makes no commit (nor pull request)
+        # when none is left: comparing the head before and after is how that shows.
+        head = api.repo_info(repo_id, revision=revision).sha
         info = api.create_commit(
             repo_id,
             operations=list(_operations(files, card)),
@@ -197,6 +206,7 @@ def push(
         commit_url=info.commit_url,
         commit_oid=info.oid,
         pr_url=info.pr_url,
+        changed=info.oid != head,
     )
 
 

@@ -165,6 +165,17 @@ def test_push_then_download_and_load(
     assert TOKEN not in logs.text
 
 
+def test_a_pull_request_with_nothing_new_is_not_reported_as_opened(hub: HubServer, compressed: Path) -> None:
+    repo_id = f"{USER}/tiny-unchanged"
+    push(compressed, repo_id=repo_id, token=TOKEN, endpoint=hub.url)
+    again = push(compressed, repo_id=repo_id, create_pr=True, token=TOKEN, endpoint=hub.url)
+
+    assert "refs/pr/1" not in hub.state.repos[repo_id].refs
+    assert not again.changed and again.pr_url is None
+    assert again.lines()[0].startswith(f"nothing to push: {repo_id} already holds these")
+    assert not any("uploaded" in line or "pull request:" in line for line in again.lines())
+
+
 def test_push_to_a_branch_and_as_a_pull_request(hub: HubServer, compressed: Path, tmp_path: Path) -> None:
     repo_id = f"{USER}/tiny-branches"
     on_branch = push(compressed, repo_id=repo_id, revision="dev", token=TOKEN, endpoint=hub.url, private=True)
