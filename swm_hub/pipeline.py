@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from swm_hub.analyze import SimilarityReport, analyze_model
-from swm_hub.atomic import check_free_space
+from swm_hub.atomic import check_free_space, write_errors_reported
 from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import output_folder
 from swm_hub.evaluate import evaluate
@@ -38,7 +39,8 @@ def analyze(
     """Pull ``model`` and measure how alike its layers are; with ``out_dir``, save JSON and heatmap there."""
     loaded = pull_for(model, revision, execution)
     check_block_length(loaded.config, calibration.seq_len)
-    return analyze_model(loaded, metric, calibration, max_tokens, out_dir, progress)
+    with write_errors_reported(out_dir) if out_dir is not None else nullcontext():
+        return analyze_model(loaded, metric, calibration, max_tokens, out_dir, progress)
 
 
 def compress(

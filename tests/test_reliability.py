@@ -505,3 +505,30 @@ def test_unsafe_refusals_come_from_the_api_too(tiny_llama_dir: Path) -> None:
 )
 def test_writable_namespaces(account: dict[str, Any], expected: set[str] | None) -> None:
     assert writable_namespaces(account) == expected
+
+
+def test_an_os_write_error_in_analyze_is_one_error_line(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_line: Callable[..., str]
+) -> None:
+    def failing_save(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "similarity.json")
+
+    from swm_hub.pipeline import SimilarityReport
+
+    monkeypatch.setattr(SimilarityReport, "save", failing_save)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    out = tmp_path / "analysis"
+    line = error_line(
+        "analyze",
+        str(tiny_llama_dir),
+        "--out",
+        str(out),
+        "--calib",
+        str(calib),
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+    )
+    assert f"cannot write the output {out}: {os.strerror(errno.ENOSPC)}" in line
