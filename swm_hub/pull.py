@@ -47,7 +47,12 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from swm_hub.architectures import spec_for, spec_for_config, supported_model_types
-from swm_hub.checkpoint import build_skeleton, refuse_checkpoint_mismatch, refuse_non_finite
+from swm_hub.checkpoint import (
+    build_skeleton,
+    describe_problems,
+    refuse_checkpoint_mismatch,
+    refuse_non_finite,
+)
 from swm_hub.devices import choose_execution, execution_device, resolve_device, whole_model_device_map
 from swm_hub.errors import (
     CorruptWeightsError,
@@ -101,6 +106,7 @@ _GGUF_PARSE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     struct.error,
 )
+_LOAD_PROBLEMS: tuple[str, ...] = ("missing_keys", "unexpected_keys", "mismatched_keys")
 # What reading weights raises on bytes that are not weights: safetensors, the file system, and torch.load on a
 # .bin that is not a pickle of tensors (its safe loader, torch >= 2.6).
 _WEIGHT_READ_ERRORS: tuple[type[Exception], ...] = (
@@ -628,16 +634,28 @@ def _load_weights(
 ) -> PreTrainedModel:
     """The causal LM, placed on ``device`` while loading (no second copy); GGUF is de-quantized to ``dtype``."""
     try:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(  # a (model, loading info) pair
             source.path,
             config=config,
             gguf_file=source.gguf_file,
             dtype=dtype,
             device_map=whole_model_device_map(device),
+            output_loading_info=True,
         )
     except _WEIGHT_READ_ERRORS as exc:
         detail = str(exc.__cause__ or exc).strip().splitlines()[0]  # torch's unpickling advice runs for lines
         raise CorruptWeightsError(_files_of(source), f"the weights cannot be read ({detail})") from exc
+    model: PreTrainedModel
+    info: dict[str, Any]
+    model, info = loaded
+    # Safetensors were compared with the config from their headers already; .bin and GGUF weights have no
+    # headers, so what the load itself found missing or unexpected is refused here.
+    problems = {kind: sorted(info.get(kind) or ()) for kind in _LOAD_PROBLEMS}
+    if any(problems.values()):
+        found = describe_problems(
+            {kind.removesuffix("_keys"): keys for kind, keys in problems.items() if keys}
+        )
+        raise CorruptWeightsError(_files_of(source), f"the checkpoint does not fit its config: {found}")
     if source.gguf_file is not None:
         _forget_gguf_quantization(model)
     return model

@@ -459,3 +459,14 @@ def test_smollm2_loads_as_a_30_layer_llama() -> None:
     assert not any(p.requires_grad for p in loaded.model.parameters())
     ids = loaded.tokenizer("Layers that compute nearly the same function.")["input_ids"]
     assert 3 < len(ids) < 30
+
+
+def test_bin_weights_missing_a_tensor_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama_dir, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    del state["model.layers.3.mlp.down_proj.weight"]
+    torch.save(state, folder / "pytorch_model.bin")
+
+    with pytest.raises(CorruptWeightsError, match=r"missing model\.layers\.3\.mlp\.down_proj\.weight"):
+        pull(str(folder))
