@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from swm_hub.calibration import TextSource, read_text, token_blocks
+from swm_hub.calibration import TextSource, blocks_by_kind
 from swm_hub.errors import InvalidOptionError
 from swm_hub.heatmap import save_heatmap
 from swm_hub.layer_trace import BatchTrace, flat_hidden, trace_batch
@@ -67,7 +67,8 @@ def calibration_batches(
 
     Args:
         tokenizer: the model's tokenizer.
-        options: how many blocks of how many tokens, and the text file (None: the packaged text).
+        options: how many blocks of how many tokens, and of which text (by default every kind of the
+            shipped corpus, evenly).
         source: a text to read instead of the one ``options`` names (e.g. the held-out text).
 
     Returns:
@@ -76,8 +77,10 @@ def calibration_batches(
     Raises:
         CalibrationDataError: the text cannot be read or is too short for the blocks asked for.
     """
-    text_source = source if source is not None else TextSource(path=options.text)
-    blocks = token_blocks(tokenizer, read_text(text_source), options.samples, options.seq_len)
+    text_source = source if source is not None else options.source
+    blocks = torch.cat(
+        list(blocks_by_kind(tokenizer, text_source, options.samples, options.seq_len).values())
+    )
     size = options.batch_size
     return [blocks[start : start + size] for start in range(0, blocks.shape[0], size)]
 
@@ -346,7 +349,7 @@ def analyze_model(
         CalibrationDataError: the text cannot be read or is too short.
     """
     _check_request(metric, max_tokens)
-    source = TextSource(path=calibration.text)
+    source = calibration.source
     batches = calibration_batches(loaded.tokenizer, calibration, source)
     name = loaded.source.display_name
     with traced_calibration(loaded, batches, progress) as traces:

@@ -7,6 +7,7 @@ Every error swm-hub raises on purpose becomes one line on stderr that says what 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,9 +17,12 @@ import typer
 from swm_hub import errors, exporters, pipeline
 from swm_hub.atomic import exit_on_sigterm
 from swm_hub.bench import bench as run_bench
-from swm_hub.calibration import TextSource
+from swm_hub.calibration import KINDS, TextSource
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.evaluate import DROP_RULES, evaluate
+from swm_hub.heal import HEAL_HELP, HealInterrupted, HealOptions, HealRequest, HealResult
+from swm_hub.heal import heal as run_heal
+from swm_hub.heal_report import HEAL_FILE, HealComparison
 from swm_hub.model_cards import write_card
 from swm_hub.options import HELP, METHODS, CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.pipeline import PushRequest
@@ -37,6 +41,7 @@ Examples:
   swm-hub analyze smollm2 --out smollm2-analysis
   swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L
   swm-hub eval smollm2-swm-24L
+  swm-hub heal smollm2-swm-24L
   swm-hub export smollm2-swm-24L
   swm-hub bench smollm2-swm-24L --baseline smollm2
   swm-hub card smollm2-swm-24L
@@ -59,6 +64,9 @@ ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars (also SWM_HUB_QUIET=1)")]
 CalibOpt = Annotated[Path | None, typer.Option("--calib", help=HELP["calib"], show_default=False)]
+CalibKindsOpt = Annotated[
+    str | None, typer.Option("--calib-kinds", help=HELP["calib_kinds"], show_default=False)
+]
 SamplesOpt = Annotated[int, typer.Option("--samples", help=HELP["samples"])]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help=HELP["seq_len"])]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help=HELP["batch_size"])]
@@ -85,7 +93,19 @@ Examples:
   swm-hub compress smollm2 --target-layers 24 --merge laco --out smollm2-laco
   swm-hub compress smollm2 --plan smollm2-swm-24L/swm_plan.json --out again
   swm-hub compress ./llama-13b --ratio 0.25 --execution layerwise --dtype bfloat16 --out llama-13b-swm
+  swm-hub compress smollm2 --target-layers 21 --out smollm2-swm-21L-healed --heal --heal-tokens 100000
 """
+
+
+def _calibration(
+    calib: Path | None, calib_kinds: str | None, samples: int, seq_len: int, batch_size: int
+) -> CalibrationOptions:
+    kinds = (
+        tuple(k.strip() for k in calib_kinds.split(",") if k.strip()) if calib_kinds is not None else KINDS
+    )
+    return CalibrationOptions(
+        text=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, kinds=kinds
+    )
 
 
 def _echo(line: str) -> None:
@@ -101,6 +121,7 @@ def analyze(
     metric: Annotated[str, typer.Option("--metric", help=HELP["metric"])] = "linear_cka",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help=HELP["max_tokens"])] = 1024,
     calib: CalibOpt = None,
+    calib_kinds: CalibKindsOpt = None,
     samples: SamplesOpt = CalibrationOptions.samples,
     seq_len: SeqLenOpt = CalibrationOptions.seq_len,
     batch_size: BatchOpt = CalibrationOptions.batch_size,
@@ -116,7 +137,7 @@ def analyze(
     the redundant layers are.
     """
     progress = configure(quiet_requested(quiet))
-    calibration = CalibrationOptions(text=calib, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    calibration = _calibration(calib, calib_kinds, samples, seq_len, batch_size)
     run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
     folder = out or Path(f"{Path(model.split('@')[0]).name.removesuffix('.gguf')}-analysis")
     report = pipeline.analyze(model, folder, metric, calibration, max_tokens, revision, progress, run_on)
@@ -146,6 +167,7 @@ def compress(
         typer.Option("--plan", help="apply a saved swm_plan.json instead of searching", show_default=False),
     ] = None,
     calib: CalibOpt = None,
+    calib_kinds: CalibKindsOpt = None,
     samples: SamplesOpt = CalibrationOptions.samples,
     seq_len: SeqLenOpt = CalibrationOptions.seq_len,
     batch_size: BatchOpt = CalibrationOptions.batch_size,
@@ -170,6 +192,31 @@ def compress(
         str | None, typer.Option("--repo-id", help="with --push: the Hub repo", show_default=False)
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="with --push: create the repo private")] = False,
+    heal_model: Annotated[
+        bool, typer.Option("--heal", help="then heal the merged model (see 'swm-hub heal --help')")
+    ] = False,
+    heal_tokens: Annotated[int, typer.Option("--heal-tokens", help=HEAL_HELP["tokens"])] = HealOptions.tokens,
+    heal_rank: Annotated[int, typer.Option("--heal-rank", help=HEAL_HELP["rank"])] = HealOptions.rank,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help=HEAL_HELP["lr"])] = HealOptions.lr,
+    heal_modules: Annotated[
+        str, typer.Option("--heal-modules", help=HEAL_HELP["modules"])
+    ] = HealOptions.modules,
+    heal_seq_len: Annotated[
+        int, typer.Option("--heal-seq-len", help=HEAL_HELP["seq_len"])
+    ] = HealOptions.seq_len,
+    heal_batch_size: Annotated[
+        int, typer.Option("--heal-batch-size", help=HEAL_HELP["batch_size"])
+    ] = HealOptions.batch_size,
+    heal_seed: Annotated[int, typer.Option("--heal-seed", help=HEAL_HELP["seed"])] = HealOptions.seed,
+    heal_hidden_weight: Annotated[
+        float, typer.Option("--heal-hidden-weight", help=HEAL_HELP["hidden_weight"])
+    ] = HealOptions.hidden_weight,
+    heal_teacher_cache: Annotated[
+        str, typer.Option("--heal-teacher-cache", help=HEAL_HELP["teacher_cache"])
+    ] = HealOptions.teacher_cache,
+    heal_resume: Annotated[
+        bool, typer.Option("--heal-resume", help="continue an interrupted --heal from its checkpoint")
+    ] = False,
     device: DeviceOpt = ExecutionOptions.device,
     dtype: DtypeOpt = ExecutionOptions.dtype,
     execution: ExecutionOpt = ExecutionOptions.mode,
@@ -184,7 +231,7 @@ def compress(
     if plan is not None:
         _refuse_with_plan(threshold=threshold, target_layers=target_layers, ratio=ratio, merge=merge)
     progress = configure(quiet_requested(quiet))
-    calibration = CalibrationOptions(text=calib, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    calibration = _calibration(calib, calib_kinds, samples, seq_len, batch_size)
     options = MergeOptions(
         threshold=threshold,
         target_layers=target_layers,
@@ -196,6 +243,18 @@ def compress(
     )
     push_to = PushRequest(repo_id=repo_id, private=private) if push_repo else None
     run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
+    heal_options = HealOptions(
+        tokens=heal_tokens,
+        rank=heal_rank,
+        lr=heal_lr,
+        modules=heal_modules,
+        seq_len=heal_seq_len,
+        batch_size=heal_batch_size,
+        seed=heal_seed,
+        hidden_weight=heal_hidden_weight,
+        teacher_cache=heal_teacher_cache,
+        execution=ExecutionOptions(device=device, dtype=dtype, mode="whole"),
+    )
     result = pipeline.compress(
         model,
         out,
@@ -208,10 +267,14 @@ def compress(
         export_formats=tuple(export_format or ()),
         push_to=push_to,
         execution=run_on,
+        heal=HealRequest(heal_options, resume=heal_resume) if heal_model else None,
     )
     merged = result.plan
     _echo(f"merged windows {merged.windows}: {merged.num_layers} -> {merged.layers_after} layers")
     _echo(f"parameters: {result.params_before:,} -> {result.params_after:,}")
+    if merged.heal is not None:
+        for line in HealResult(None, merged, merged.heal).lines():
+            _echo(line)
     if result.evaluation is not None:
         for line in result.evaluation.table_lines():
             _echo(line)
@@ -289,7 +352,7 @@ def eval_command(
     """
     progress = configure(quiet_requested(quiet))
     chosen = [b for b in (baseline or list(DROP_RULES)) if b != "none"]
-    source = TextSource(path=text, packaged="heldout")
+    source = TextSource(path=text, split="heldout")
     run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
     if zero_shot_tasks is not None and run_on.mode == "layerwise":
         raise errors.InvalidOptionError(
@@ -318,6 +381,124 @@ def eval_command(
         for line in scores.table_lines():
             _echo(line)
         _echo(f"wrote {scores.save(model_dir)}")
+
+
+HEAL_EXAMPLES = """\b
+Examples:
+  swm-hub heal smollm2-swm-24L
+  swm-hub heal smollm2-swm-24L --tokens 500000 --rank 16 --out smollm2-swm-24L-healed
+  swm-hub heal smollm2-swm-24L --modules all --hidden-weight 0.1 --keep-adapter
+  swm-hub heal smollm2-swm-24L --calib my-domain.jsonl --lr 1e-3 --seed 1
+  swm-hub heal smollm2-swm-24L --resume
+  swm-hub heal smollm2-swm-24L --compare
+  swm-hub heal ./llama-13b-swm --device cuda --dtype bfloat16 --teacher-cache disk
+  swm-hub compress smollm2 --target-layers 21 --out smollm2-swm-21L --heal --heal-tokens 100000
+
+On several GPUs, the same command through accelerate (data-parallel; --batch-size is over all GPUs):
+  accelerate launch -m swm_hub heal ./llama-13b-swm --device cuda --dtype bfloat16 --batch-size 16
+"""
+
+
+@app.command(epilog=HEAL_EXAMPLES)
+def heal(
+    model_dir: Annotated[
+        Path, typer.Argument(help="a folder written by swm-hub compress", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="folder for the healed model (default: MODEL_DIR-healed)", show_default=False
+        ),
+    ] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help=HEAL_HELP["tokens"])] = HealOptions.tokens,
+    rank: Annotated[int, typer.Option("--rank", help=HEAL_HELP["rank"])] = HealOptions.rank,
+    alpha: Annotated[int, typer.Option("--alpha", help=HEAL_HELP["alpha"])] = HealOptions.alpha,
+    lr: Annotated[float, typer.Option("--lr", help=HEAL_HELP["lr"])] = HealOptions.lr,
+    modules: Annotated[str, typer.Option("--modules", help=HEAL_HELP["modules"])] = HealOptions.modules,
+    seq_len: Annotated[int, typer.Option("--seq-len", help=HEAL_HELP["seq_len"])] = HealOptions.seq_len,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help=HEAL_HELP["batch_size"])
+    ] = HealOptions.batch_size,
+    seed: Annotated[int, typer.Option("--seed", help=HEAL_HELP["seed"])] = HealOptions.seed,
+    hidden_weight: Annotated[
+        float, typer.Option("--hidden-weight", help=HEAL_HELP["hidden_weight"])
+    ] = HealOptions.hidden_weight,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help=HEAL_HELP["checkpoint_every"])
+    ] = HealOptions.checkpoint_every,
+    teacher_cache: Annotated[
+        str, typer.Option("--teacher-cache", help=HEAL_HELP["teacher_cache"])
+    ] = HealOptions.teacher_cache,
+    top_k: Annotated[int, typer.Option("--top-k", help=HEAL_HELP["top_k"])] = HealOptions.top_k,
+    calib: Annotated[
+        Path | None, typer.Option("--calib", help=HEAL_HELP["calib"], show_default=False)
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue an interrupted heal from its checkpoint")
+    ] = False,
+    keep_adapter: Annotated[
+        bool,
+        typer.Option("--keep-adapter", help="also save the LoRA adapter in PEFT's format under OUT/adapter"),
+    ] = False,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="also heal the block-influence drop baseline the same way and save held-out perplexity before "
+            "and after healing as OUT/heal.json (the card shows it)",
+        ),
+    ] = False,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(
+            "--heldout",
+            help="held-out text for --compare (default: the shipped held-out split)",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help=HEAL_HELP["device"])] = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Recover what merging lost: LoRA adapters trained to match the original model, then merged into the weights.
+
+    The student is the compressed model in MODEL_DIR, the teacher the base model its swm_plan.json names.
+    The loss is the KL divergence between their next-token distributions on the plan's calibration text
+    (or --calib; never the held-out text), plus --hidden-weight x the hidden-state MSE at each merged
+    window's boundary. The healed model is a plain model folder (it loads with AutoModelForCausalLM and
+    exports as before); its swm_plan.json records the heal. Ctrl-C stops at the end of a step and writes a
+    checkpoint beside the output: --resume continues from it with the same result.
+    """
+    progress = configure(quiet_requested(quiet))
+    options = HealOptions(
+        tokens=tokens,
+        rank=rank,
+        alpha=alpha,
+        lr=lr,
+        modules=modules,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        hidden_weight=hidden_weight,
+        checkpoint_every=checkpoint_every,
+        teacher_cache=teacher_cache,
+        top_k=top_k,
+        calib=calib,
+        execution=ExecutionOptions(device=device, dtype=dtype, mode="whole"),
+    )
+    result = run_heal(
+        model_dir, out, options, overwrite, resume, keep_adapter, progress, compare=compare, heldout=heldout
+    )
+    if result.output_dir is None:  # another process of `accelerate launch` wrote the folder and reports
+        return
+    for line in result.lines():
+        _echo(line)
+    comparison = result.output_dir / HEAL_FILE
+    if comparison.is_file():
+        for line in HealComparison.load(comparison).table_lines():
+            _echo(line)
+    _echo(f"wrote {result.output_dir}")
 
 
 def _refuse_with_plan(**given: float | str | None) -> None:
@@ -546,11 +727,25 @@ def _hint(error: errors.SwmHubError) -> str:
     return next((hint for kind, hint in hints if isinstance(error, kind)), "")
 
 
+def _report_interrupted(stop: HealInterrupted) -> None:
+    """Ctrl-C during a heal: one line saying how far it got and the command that resumes, then exit 130."""
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process says it
+        sys.exit(130)
+    advice = ""
+    if stop.checkpoint is not None:
+        again = [*sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])]
+        advice = f"; resume with: {program_name()} {shlex.join(again)}"
+    typer.echo(f"{stop}{advice}", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     """Run the app; an error of ours prints one line and a hint, and exits 1."""
     exit_on_sigterm()  # SIGTERM cleans up (temporary folders, caches) like Ctrl-C
     try:
         app(prog_name=program_name())  # "hf swm" in usage lines when the hf CLI runs us as its extension
+    except HealInterrupted as stop:
+        _report_interrupted(stop)
     except errors.SwmHubError as error:
         if os.environ.get("SWM_HUB_DEBUG", "") not in ("", "0"):
             raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,47 +22,58 @@ from transformers import PreTrainedModel
 
 from swm_hub.analyze import calibration_batches, traced_calibration
 from swm_hub.architectures import spec_for_config
-from swm_hub.calibration import TextSource, read_text, token_blocks
+from swm_hub.calibration import TextSource, blocks_by_kind
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
 from swm_hub.layerwise import StreamedLayers, final_hidden_layerwise
-from swm_hub.merge import calibration_of
-from swm_hub.options import ExecutionOptions, MergeOptions, check_block_length
+from swm_hub.options import CalibrationOptions, ExecutionOptions, check_block_length
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull_for
 from swm_hub.similarity import io_redundancy, mean_cosine
 
 EVAL_BATCH = 8
 EVAL_FILE = "eval.json"
+MERGED_PREFIX = "merged: "
 DEFAULT_EXECUTION = ExecutionOptions()
 
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
 
 
+Loss = tuple[float, int]
+"""A batch's summed next-token negative log-likelihood and the number of tokens it predicted."""
+
+
 @torch.no_grad()
-def perplexity(
+def batch_losses(
     model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, label: str = ""
-) -> float:
-    """Exp of the mean next-token negative log-likelihood over every predicted token of every block."""
+) -> list[Loss]:
+    """The next-token loss of every batch, kept apart so that blocks of different kinds can be told apart."""
     device = next(model.parameters()).device
     losses = []
     for batch in tqdm(batches, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
         ids = batch.to(device)
         losses.append(_summed_loss(model(input_ids=ids, use_cache=False).logits, ids))
-    return _perplexity_of(losses)
+    return losses
+
+
+def perplexity(
+    model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, label: str = ""
+) -> float:
+    """Exp of the mean next-token negative log-likelihood over every predicted token of every block."""
+    return _perplexity_of(batch_losses(model, batches, progress, label))
 
 
 @torch.no_grad()
-def streamed_perplexity(
+def streamed_losses(
     model: PreTrainedModel,
     layers: StreamedLayers,
     batches: Sequence[torch.Tensor],
     keep: Sequence[int] | None = None,
     progress: bool = False,
     label: str = "",
-) -> float:
-    """``perplexity`` of a layer-wise model, optionally with only the layers ``keep`` (all by default).
+) -> list[Loss]:
+    """``batch_losses`` of a layer-wise model, optionally with only the layers ``keep`` (all by default).
 
     The layers run one at a time over every batch; the final norm and head then turn each batch's last
     hidden state into logits.
@@ -71,15 +82,12 @@ def streamed_perplexity(
     desc = f"perplexity {label} (layer-wise)".replace("  ", " ")
     finals = final_hidden_layerwise(model, layers, batches, kept, progress, desc)
     head = LogitHead(model)
-    return _perplexity_of(
-        [
-            _summed_loss(head(hidden), ids.to(hidden.device))
-            for hidden, ids in zip(finals, batches, strict=True)
-        ]
-    )
+    return [
+        _summed_loss(head(hidden), ids.to(hidden.device)) for hidden, ids in zip(finals, batches, strict=True)
+    ]
 
 
-def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> Loss:
     """The summed next-token loss of a batch and the number of tokens it predicted."""
     shifted = logits[:, :-1].float()
     targets = ids[:, 1:]
@@ -89,7 +97,7 @@ def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return float(nll), targets.numel()
 
 
-def _perplexity_of(losses: Sequence[tuple[float, int]]) -> float:
+def _perplexity_of(losses: Sequence[Loss]) -> float:
     """Weight every predicted token alike, however the tokens were split into batches."""
     return math.exp(sum(loss for loss, _ in losses) / sum(count for _, count in losses))
 
@@ -130,12 +138,34 @@ def windows_for_dropped(dropped: Sequence[int]) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class PerplexityRow:
-    """One line of an evaluation table."""
+    """One line of an evaluation table: perplexity over every held-out token, and over each kind's alone."""
 
     name: str
     layers: int
     perplexity: float
     dropped: tuple[int, ...] = ()
+    by_kind: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeldoutBatches:
+    """Held-out blocks in batches that never mix kinds, so each kind's perplexity can be read off the losses."""
+
+    by_kind: dict[str, list[torch.Tensor]]
+
+    @property
+    def batches(self) -> list[torch.Tensor]:
+        return [batch for batches in self.by_kind.values() for batch in batches]
+
+    def row(
+        self, name: str, layers: int, losses: Sequence[Loss], dropped: Sequence[int] = ()
+    ) -> PerplexityRow:
+        """The table row of a model whose losses on ``batches`` (in their order) are ``losses``."""
+        remaining = iter(losses)
+        by_kind = {
+            kind: _perplexity_of([next(remaining) for _ in batches]) for kind, batches in self.by_kind.items()
+        }
+        return PerplexityRow(name, layers, _perplexity_of(losses), tuple(dropped), by_kind)
 
 
 @dataclass(frozen=True)
@@ -154,14 +184,59 @@ class EvalReport:
         """Write ``eval.json`` into a model folder through a temporary file, so a reader never sees half."""
         return write_text_atomically(folder / EVAL_FILE, self.to_json())
 
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.rows[0].by_kind) if self.rows and len(self.rows[0].by_kind) > 1 else []
+
     def table_lines(self) -> list[str]:
-        """A plain table, one row per model, with each perplexity relative to the merged model's."""
-        header = f"{'model':<34} {'layers':>6} {'perplexity':>11}  dropped layers"
+        """A plain table, one row per model: perplexity over all held-out tokens, then per kind of text."""
+        kinds = self.kinds
+        header = f"{'model':<34} {'layers':>6} {'all':>9}" + "".join(f" {k[:10]:>10}" for k in kinds)
         lines = [f"held-out perplexity on {self.text} ({self.blocks} blocks x {self.seq_len} tokens)", header]
         for row in self.rows:
             dropped = ",".join(map(str, row.dropped)) or "-"
-            lines.append(f"{row.name:<34} {row.layers:>6} {row.perplexity:>11.2f}  {dropped}")
-        return lines
+            per_kind = "".join(f" {row.by_kind[k]:>10.2f}" for k in kinds)
+            lines.append(
+                f"{row.name:<34} {row.layers:>6} {row.perplexity:>9.2f}{per_kind}  dropped {dropped}"
+            )
+        return lines + self.verdict_lines()
+
+    def verdict_lines(self) -> list[str]:
+        """Whether the merged model beats the best drop baseline on every kind: what users judge first."""
+        merged = next((row for row in self.rows if row.name.startswith(MERGED_PREFIX)), None)
+        drops = [row for row in self.rows if row.dropped]
+        if merged is None or not drops:
+            return []
+        ratios = {kind: merged.by_kind[kind] / min(d.by_kind[kind] for d in drops) for kind in merged.by_kind}
+        worst = max(ratios, key=ratios.__getitem__)
+        lost = [kind for kind, ratio in ratios.items() if ratio > 1.0]
+        verdict = (
+            f"worse than dropping on {', '.join(lost)}" if lost else "better than dropping on every kind"
+        )
+        return [f"merged / best drop baseline: worst {ratios[worst]:.3f} ({worst}); {verdict}"]
+
+
+def model_losses(
+    loaded: LoadedModel,
+    batches: Sequence[torch.Tensor],
+    progress: bool,
+    label: str,
+    skip: Collection[int] = (),
+) -> list[Loss]:
+    """``batch_losses`` of a pulled model, whole or layer-wise as it was pulled, with the layers ``skip`` left out.
+
+    A skipped layer passes its input on (or is never loaded, layer-wise) rather than being removed from a
+    copy of the model: no weights are copied, and a model spread over devices by accelerate keeps its
+    placement. Every other layer still gets the call arguments of its own position, so the result equals
+    the model saved without those layers.
+    """
+    if loaded.streamed is not None:
+        keep = [i for i in range(len(loaded.streamed)) if i not in skip]
+        return streamed_losses(loaded.model, loaded.streamed, batches, keep, progress, label)
+    spec = spec_for_config(loaded.model.config)
+    layers = decoder_layers(loaded.model, spec)
+    with passing_through([layers[i] for i in skip]):
+        return batch_losses(loaded.model, batches, progress, label)
 
 
 def model_perplexity(
@@ -171,33 +246,8 @@ def model_perplexity(
     label: str,
     skip: Collection[int] = (),
 ) -> float:
-    """``perplexity`` of a pulled model, whole or layer-wise as it was pulled, with the layers ``skip`` left out.
-
-    A skipped layer passes its input on (or is never loaded, layer-wise) rather than being removed from a
-    copy of the model: no weights are copied, and a model spread over devices by accelerate keeps its
-    placement. Every other layer still gets the call arguments of its own position, so the result equals
-    the model saved without those layers.
-    """
-    if loaded.streamed is not None:
-        keep = [i for i in range(len(loaded.streamed)) if i not in skip]
-        return streamed_perplexity(loaded.model, loaded.streamed, batches, keep, progress, label)
-    spec = spec_for_config(loaded.model.config)
-    layers = decoder_layers(loaded.model, spec)
-    with passing_through([layers[i] for i in skip]):
-        return perplexity(loaded.model, batches, progress, label)
-
-
-def baseline_perplexity(
-    base: LoadedModel,
-    plan: MergePlan,
-    rule: str,
-    traces: Sequence[BatchTrace],
-    batches: Sequence[torch.Tensor],
-    progress: bool = False,
-) -> tuple[float, list[int]]:
-    """The perplexity of the base model with as many layers dropped as ``plan`` removed, and those layers."""
-    dropped = DROP_RULES[rule](traces, plan.removed)
-    return model_perplexity(base, batches, progress, rule, skip=dropped), dropped
+    """``perplexity`` of a pulled model with the layers ``skip`` left out (see ``model_losses``)."""
+    return _perplexity_of(model_losses(loaded, batches, progress, label, skip))
 
 
 def evaluate(
@@ -213,7 +263,8 @@ def evaluate(
     """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
 
     ``base`` saves loading the base model again when the caller already holds it (``compress --eval``).
-    Models are pulled as ``execution`` says; layer-wise, none of them is ever whole in memory.
+    Models are pulled as ``execution`` says; layer-wise, none of them is ever whole in memory. On the shipped
+    held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's perplexity.
     """
     plan = MergePlan.from_file(model_dir / PLAN_FILE)
     unknown = sorted(set(baselines) - set(DROP_RULES))
@@ -223,24 +274,24 @@ def evaluate(
         )
     merged = pull_for(str(model_dir), None, execution)
     check_block_length(merged.config, seq_len)
-    batches = _eval_batches(merged.tokenizer, text, blocks, seq_len)
-    merged_row = PerplexityRow(
-        f"merged: {plan.method}, {plan.merge} rule",
+    heldout = heldout_batches(merged.tokenizer, text, blocks, seq_len)
+    merged_row = heldout.row(
+        f"{MERGED_PREFIX}{plan.method}, {plan.merge} rule",
         plan.layers_after,
-        model_perplexity(merged, batches, progress, "merged"),
+        model_losses(merged, heldout.batches, progress, "merged"),
     )
     del merged
     base = base or pull_for(plan.model, plan.revision, execution)
-    base_row = PerplexityRow(
+    base_row = heldout.row(
         f"base: {base.source.display_name}",
         plan.num_layers,
-        model_perplexity(base, batches, progress, "base"),
+        model_losses(base, heldout.batches, progress, "base"),
     )
     return EvalReport(
         text=text.label,
         blocks=blocks,
         seq_len=seq_len,
-        rows=[base_row, merged_row, *_baseline_rows(base, plan, baselines, batches, progress)],
+        rows=[base_row, merged_row, *_baseline_rows(base, plan, baselines, heldout, progress)],
     )
 
 
@@ -248,21 +299,28 @@ def _baseline_rows(
     base: LoadedModel,
     plan: MergePlan,
     baselines: Sequence[str],
-    batches: Sequence[torch.Tensor],
+    heldout: HeldoutBatches,
     progress: bool,
 ) -> list[PerplexityRow]:
     """One row per drop rule, chosen from the calibration traces the merge itself was planned on."""
     if not baselines:
         return []
-    calibration = calibration_batches(base.tokenizer, calibration_of(plan, MergeOptions()))
+    recorded = CalibrationOptions.recorded(plan.calibration, CalibrationOptions.batch_size)
+    calibration = calibration_batches(base.tokenizer, recorded)
     rows = []
     with traced_calibration(base, calibration, progress) as traces:
         for rule in baselines:
-            ppl, dropped = baseline_perplexity(base, plan, rule, traces, batches, progress)
-            rows.append(PerplexityRow(rule, plan.layers_after, ppl, tuple(dropped)))
+            dropped = DROP_RULES[rule](traces, plan.removed)
+            losses = model_losses(base, heldout.batches, progress, rule, skip=dropped)
+            rows.append(heldout.row(rule, plan.layers_after, losses, dropped))
     return rows
 
 
-def _eval_batches(tokenizer: Any, text: TextSource, blocks: int, seq_len: int) -> list[torch.Tensor]:
-    ids = token_blocks(tokenizer, read_text(text), blocks, seq_len)
-    return [ids[start : start + EVAL_BATCH] for start in range(0, ids.shape[0], EVAL_BATCH)]
+def heldout_batches(tokenizer: Any, text: TextSource, blocks: int, seq_len: int) -> HeldoutBatches:
+    """``blocks`` held-out blocks shared evenly by the kinds of ``text``, in batches of ``EVAL_BATCH``."""
+    return HeldoutBatches(
+        {
+            kind: [ids[start : start + EVAL_BATCH] for start in range(0, ids.shape[0], EVAL_BATCH)]
+            for kind, ids in blocks_by_kind(tokenizer, text, blocks, seq_len).items()
+        }
+    )

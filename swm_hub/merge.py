@@ -26,7 +26,6 @@ from swm_hub.analyze import (
     traced_calibration,
 )
 from swm_hub.architectures import ArchitectureSpec, spec_for_config
-from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import (
     build_model,
     build_skeleton,
@@ -44,7 +43,7 @@ from swm_hub.devices import offloaded_modules
 from swm_hub.errors import ImpossibleTargetError, InvalidMergeError, InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
 from swm_hub.layerwise import StreamedLayers
-from swm_hub.options import CalibrationOptions, MergeOptions, check_block_length
+from swm_hub.options import METHODS, CalibrationOptions, MergeOptions, check_block_length
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel
 from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
@@ -157,7 +156,7 @@ def plan_merge(
             "target_layers": options.target_layers,
             "ratio": options.ratio,
         },
-        calibration=calibration_record(TextSource(path=options.calibration.text), options.calibration),
+        calibration=calibration_record(options.calibration.source, options.calibration),
         trials=result.trials,
     )
 
@@ -329,14 +328,7 @@ def calibration_of(plan: MergePlan | None, options: MergeOptions) -> Calibration
     """The calibration to run: the options' own, or the one a saved plan records, so a refit is reproduced."""
     if plan is None:
         return options.calibration
-    label = str(plan.calibration["text"])
-    text = None if label == TextSource().label else Path(label)
-    return CalibrationOptions(
-        text=text,
-        samples=int(plan.calibration["samples"]),
-        seq_len=int(plan.calibration["seq_len"]),
-        batch_size=options.calibration.batch_size,
-    )
+    return CalibrationOptions.recorded(plan.calibration, options.calibration.batch_size)
 
 
 def merge(
@@ -392,6 +384,7 @@ def merge_into(
         if plan is None:
             plan = plan_merge(loaded, traces, options, progress)
             _refuse_missed_target(plan, options)
+        warn_past_measured_wins(plan)
         logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
         report = _similarity_report(loaded, traces, plan) if traces else None
         return write_merged(loaded, plan, traces, folder, report, progress)
@@ -404,6 +397,22 @@ def _refuse_missed_target(plan: MergePlan, options: MergeOptions) -> None:
         raise InvalidMergeError(
             f"the search removed {plan.removed} layers (windows {plan.windows}) instead of the {wanted} asked "
             "for: the similarity scores could not reach the target; nothing was written"
+        )
+
+
+def warn_past_measured_wins(plan: MergePlan) -> None:
+    """A cut deeper than any at which the method measured a win over dropping may well lose to it: say so."""
+    preset = METHODS.get(plan.method)
+    deepest = preset.deepest_win if preset is not None and plan.merge == preset.merge else None
+    if deepest is not None and plan.removed > deepest * plan.num_layers + 1e-9:
+        logger.warning(
+            "warning: %d of %d layers removed is past the deepest cut (%.0f%% of the layers) at which %s "
+            "measured better than plain layer dropping on every kind of held-out text (README, Quality); "
+            "check this model with --eval, or remove fewer layers",
+            plan.removed,
+            plan.num_layers,
+            100 * deepest,
+            plan.method,
         )
 
 

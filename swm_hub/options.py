@@ -7,18 +7,23 @@ things in the same place and a saved plan can record them field by field.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
 
+from swm_hub.calibration import KINDS, TextSource
 from swm_hub.consolidate import MERGE_RULES
 from swm_hub.errors import InvalidOptionError
 
 HELP: dict[str, str] = {
     "calib": "calibration text: a plain-text or JSONL file (a 'text' field per line); default: the shipped corpus",
-    "samples": "number of calibration blocks",
+    "calib_kinds": "comma-separated kinds of the shipped corpus to calibrate on (default: all, "
+    "sampled evenly): " + ", ".join(KINDS),
+    "samples": "number of calibration blocks (shared evenly by the kinds of the shipped corpus)",
     "seq_len": "tokens per calibration block",
     "batch_size": "calibration blocks per forward pass",
     "metric": "similarity between layer outputs: linear_cka, rbf_cka, cosine or angular",
@@ -26,7 +31,8 @@ HELP: dict[str, str] = {
     "threshold": "similarity a window must keep to be merged, in (0, 1); higher merges less",
     "target_layers": "number of layers the compressed model keeps",
     "ratio": "fraction of the layers to remove, in (0, 1)",
-    "method": "window selection and consolidation: swm-fit (default, measured best) or swm-paper (the paper's rule)",
+    "method": "window selection and consolidation: swm-fit (default, measured best on unseen kinds of text), "
+    "swm-angular (whole-window angles) or swm-paper (the paper's rule)",
     "merge": "consolidation rule, overriding the method's: fit, laco, swm-code, mean or drop",
     "ridge": "regularisation of the fit rule's least-squares refit, relative to the feature energy",
     "device": "where the model runs: cpu, cuda (all visible GPUs through accelerate's device map) or auto "
@@ -56,6 +62,7 @@ class CalibrationOptions:
     samples: int = 32
     seq_len: int = 128
     batch_size: int = 8
+    kinds: tuple[str, ...] = KINDS
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 8 or self.batch_size < 1:
@@ -63,6 +70,32 @@ class CalibrationOptions:
                 f"calibration needs samples >= 1, seq_len >= 8 and batch_size >= 1 "
                 f"(got {self.samples}, {self.seq_len}, {self.batch_size})"
             )
+        unknown = [kind for kind in self.kinds if kind not in KINDS]
+        if unknown or not self.kinds:
+            raise InvalidOptionError(
+                f"--calib-kinds takes kinds of the shipped corpus ({', '.join(KINDS)}), "
+                f"got {', '.join(self.kinds) or 'none'}"
+            )
+        if self.text is not None and self.kinds != KINDS:
+            raise InvalidOptionError(
+                "--calib-kinds chooses from the shipped corpus; it cannot apply to --calib"
+            )
+
+    @property
+    def source(self) -> TextSource:
+        return TextSource(path=self.text, kinds=self.kinds)
+
+    @classmethod
+    def recorded(cls, record: Mapping[str, Any], batch_size: int) -> CalibrationOptions:
+        """The calibration a plan or report recorded (see ``analyze.calibration_record``), to run it again."""
+        source = TextSource.from_label(str(record["text"]))
+        return cls(
+            text=source.path,
+            samples=int(record["samples"]),
+            seq_len=int(record["seq_len"]),
+            batch_size=batch_size,
+            kinds=source.kinds,
+        )
 
 
 @dataclass(frozen=True)
@@ -74,17 +107,33 @@ class MethodPreset:
     merge: str
     default_threshold: float
     summary: str
+    deepest_win: float | None = None
+    """The largest fraction of the layers removed at which this method, with the default calibration,
+    measured better than the best same-count drop baseline on every held-out kind of text, left-out kinds
+    included (``benchmarks/quality.py``, README "Quality"); past it ``compress`` warns. None: not measured."""
 
 
 METHODS: dict[str, MethodPreset] = {
     "swm-fit": MethodPreset(
+        score="influence",
+        criterion="absolute",
+        merge="fit",
+        default_threshold=0.97,
+        deepest_win=0.1,
+        summary="windows of consecutive layers that each barely change their input (the cosine between what "
+        "enters and what leaves every removed layer stays above the threshold; for a layer count, the layers "
+        "that change it least, as ShortGPT's block influence ranks them); each window consolidated into the "
+        "layer below it with a least-squares refit of the MLP output projection, so the one layer reproduces "
+        "the window's output on calibration text",
+    ),
+    "swm-angular": MethodPreset(
         score="angular",
         criterion="absolute",
         merge="fit",
         default_threshold=0.95,
-        summary="windows grown while the cosine between what enters and what leaves the window stays above "
-        "the threshold; each window consolidated into its lowest layer with a least-squares refit of the "
-        "MLP output projection, so the one layer reproduces the window's output on calibration text",
+        summary="windows grown while the cosine between what enters and what leaves the whole window stays "
+        "above the threshold, consolidated like swm-fit (the previous default: better on the calibration's "
+        "own kinds of text, worse on others)",
     ),
     "swm-paper": MethodPreset(
         score="cosine",

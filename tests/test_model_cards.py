@@ -69,7 +69,7 @@ def make_plan(model: str, base_model: str | None = None, **changes: Any) -> Merg
         ridge=0.3,
         threshold=0.9512,
         target={"threshold": None, "target_layers": 4, "ratio": None},
-        calibration={"text": "swm_hub:calibration.txt", "samples": 32, "seq_len": 128, "tokens": 4096},
+        calibration={"text": "swm_hub:corpus/calibration", "samples": 32, "seq_len": 128, "tokens": 4096},
         trials=TRIALS,
     )
     return replace(plan, **changes)
@@ -91,13 +91,13 @@ def write_base_model(folder: Path, license_id: str) -> Path:
 
 def eval_report() -> EvalReport:
     return EvalReport(
-        text="swm_hub:heldout.txt",
+        text="swm_hub:corpus/heldout[narrative,code]",
         blocks=48,
         seq_len=256,
         rows=[
-            PerplexityRow("base: base-model", LAYERS, 21.5),
-            PerplexityRow("swm-fit (this model)", 4, 30.25),
-            PerplexityRow("drop-bi", 4, 55.0, (2, 4)),
+            PerplexityRow("base: base-model", LAYERS, 21.5, (), {"narrative": 25.0, "code": 18.0}),
+            PerplexityRow("swm-fit (this model)", 4, 30.25, (), {"narrative": 33.0, "code": 27.0}),
+            PerplexityRow("drop-bi", 4, 55.0, (2, 4), {"narrative": 60.0, "code": 25.0}),
         ],
     )
 
@@ -154,7 +154,7 @@ def result_folder(tmp_path: Path) -> Path:
         "model": "base-model",
         "metric": "linear_cka",
         "num_layers": LAYERS,
-        "calibration": {"text": "swm_hub:calibration.txt", "samples": 32, "seq_len": 128, "tokens": 4096},
+        "calibration": {"text": "swm_hub:corpus/calibration", "samples": 32, "seq_len": 128, "tokens": 4096},
     }
     (folder / JSON_NAME).write_text(json.dumps(similarity), encoding="utf-8")
     (folder / PNG_NAME).write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -196,10 +196,15 @@ def test_card_shows_the_numbers_of_the_files(result_folder: Path, tmp_path: Path
     assert "`linear_cka`" in similarity
 
     perplexity = section(card, "Perplexity")
-    assert "on `heldout.txt` (shipped with swm-hub), 48 blocks of 256 tokens" in perplexity
-    assert "| base: base-model | 6 | 21.50 | – | – |" in perplexity
-    assert "| swm-fit (this model) | 4 | 30.25 | +40.7% | – |" in perplexity
-    assert "| drop-bi | 4 | 55.00 | +155.8% | 2, 4 |" in perplexity
+    assert (
+        "on the held-out split of swm-hub's shipped corpus (narrative, code, sampled evenly), "
+        "48 blocks of 256 tokens" in perplexity
+    )
+    assert "| model | layers | perplexity | narrative | code | vs base | dropped layers |" in perplexity
+    assert "| base: base-model | 6 | 21.50 | 25.00 | 18.00 | – | – |" in perplexity
+    assert "| swm-fit (this model) | 4 | 30.25 | 33.00 | 27.00 | +40.7% | – |" in perplexity
+    assert "| drop-bi | 4 | 55.00 | 60.00 | 25.00 | +155.8% | 2, 4 |" in perplexity
+    assert "worst on code, 1.080 times its perplexity (so on that kind, dropping" in perplexity
     assert "plain dropping by `drop-bi`: 30.25 vs 55.00" in perplexity
 
     latency = section(card, "Latency")

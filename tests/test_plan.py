@@ -28,7 +28,7 @@ def make_plan(**changes: Any) -> MergePlan:
         "ridge": 0.3,
         "threshold": 0.9123456789012345,
         "target": {"threshold": None, "target_layers": 8, "ratio": None},
-        "calibration": {"text": "swm_hub:calibration.txt", "samples": 4, "seq_len": 16, "tokens": 64},
+        "calibration": {"text": "swm_hub:corpus/calibration", "samples": 4, "seq_len": 16, "tokens": 64},
         "trials": [
             {"low": 8, "high": 9, "similarity": 0.97, "relative": 0.97, "passed": True},
             {"low": 1, "high": 4, "similarity": 0.1 + 0.2, "relative": 0.1 + 0.2, "passed": False},

@@ -24,8 +24,9 @@ from swm_hub.search import (
     WindowSearch,
     score_positions,
 )
+from swm_hub.similarity import mean_cosine
 
-SCORE_NAMES = ["angular", "cosine"]
+SCORE_NAMES = ["influence", "angular", "cosine"]
 NOTHING = 0.999999
 EVERYTHING = 1e-9
 THRESHOLDS = [0.999, 0.99, 0.95, 0.9, 0.5]
@@ -148,6 +149,28 @@ def test_angular_score_is_the_mean_cosine_of_window_input_and_output(
         assert x.shape[0] == sum(t.hidden[0].shape[0] * (t.hidden[0].shape[1] - 1) for t in traces)
         expected = ((x * y).sum(dim=1) / (x.norm(dim=1) * y.norm(dim=1))).mean()
         assert trial["similarity"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_influence_score_is_the_least_redundant_removed_layer(
+    context: SearchContext, traces: list[BatchTrace]
+) -> None:
+    search = WindowSearch(context, "influence", "absolute")
+    cosines = {i: mean_cosine(flat_hidden(traces, i), flat_hidden(traces, i + 1)) for i in range(TINY_LAYERS)}
+    for trial in search.sweep(EVERYTHING).trials:
+        removed = range(int(trial["low"]) + 1, int(trial["high"]) + 1)
+        assert trial["similarity"] == pytest.approx(max(1e-6, min(cosines[i] for i in removed)), abs=1e-6)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_influence_for_a_count_removes_the_layers_block_influence_would_drop(
+    context: SearchContext, traces: list[BatchTrace], count: int
+) -> None:
+    result = WindowSearch(context, "influence", "absolute").for_target(count)
+    removed = sorted(layer for low, high in result.windows for layer in range(low + 1, high + 1))
+    cosines = {
+        i: mean_cosine(flat_hidden(traces, i), flat_hidden(traces, i + 1)) for i in range(2, TINY_LAYERS - 1)
+    }
+    assert removed == sorted(sorted(cosines, key=cosines.__getitem__, reverse=True)[:count])
 
 
 def test_cosine_score_matches_the_actually_merged_model(

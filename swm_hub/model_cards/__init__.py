@@ -39,6 +39,7 @@ from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.consolidate import MERGE_RULES, PAPER_URL
 from swm_hub.errors import ResultFileError, SwmHubError, UnknownModelError
+from swm_hub.heal_report import HealInfo, heal_info
 from swm_hub.options import METHODS, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import SMOLLM2_FILE, SMOLLM2_NAME, SMOLLM2_PACKAGE
@@ -83,8 +84,6 @@ BASE_MODEL_RELATION: str = "finetune"
 CARD_TAGS: tuple[str, ...] = ("swm", "pruned", "sliding-window-merging", "layer-merging")
 UNKNOWN_LICENSE: str = "other"
 HUB_URL: str = "https://huggingface.co"
-PACKAGED_PREFIX: str = "swm_hub:"
-"""How ``TextSource.label`` names the texts shipped in the package."""
 
 PAPER_TITLE: str = "Sliding-Window Merging for Compacting Patch-Redundant Layers in LLMs"
 CITATION: str = """\
@@ -194,6 +193,7 @@ class PerplexityLine:
     vs_base: float | None
     dropped: str
     is_drop_baseline: bool
+    by_kind: list[float]
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,9 @@ class PerplexityInfo:
     rows: list[PerplexityLine]
     merged: PerplexityLine | None
     drop_baselines: list[PerplexityLine]
+    kinds: list[str]
+    worst_kind: str | None
+    worst_ratio: float | None
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,8 @@ class CardContext:
     paper_title: str
     citation: str
     swm_hub_version: str
+    heal: HealInfo | None = None
+    """The heal record of the plan (and heal.json's comparison); None for a model that was not healed."""
 
     def for_repo(self, repo_id: str) -> CardContext:
         """The same card naming the Hub repository ``repo_id`` (title and loading code)."""
@@ -366,6 +371,7 @@ def build_context(folder: Path, repo_id: str | None = None, name: str | None = N
         heatmap=_heatmap(folder),
         perplexity=_perplexity(folder / EVAL_FILE, plan),
         latency=_latency(folder / BENCH_FILE),
+        heal=heal_info(folder, plan),
         onnx_folder=ONNX_FOLDER if has_onnx else None,
         reproduce=reproduce_command(plan, name),
         reproduce_plan=reproduce_command(plan, name, with_plan=True),
@@ -423,10 +429,18 @@ def _target_text(plan: MergePlan) -> str:
     return "the method's default threshold"
 
 
+def _described_text(label: str) -> str:
+    """A text as a reader of the card knows it: the shipped corpus by its kinds, a user's file by its name."""
+    source = TextSource.from_label(label)
+    if source.path is not None:
+        return f"`{_public_name(label)}`"
+    split = "held-out" if source.split == "heldout" else source.split
+    evenly = ", sampled evenly" if len(source.kinds) > 1 else ""
+    return f"the {split} split of swm-hub's shipped corpus ({', '.join(source.kinds)}{evenly})"
+
+
 def _calibration_text(calibration: Mapping[str, Any]) -> str:
-    label = str(calibration.get("text", "?"))
-    packaged = label.removeprefix(PACKAGED_PREFIX)
-    label = f"`{packaged}` (shipped with swm-hub)" if packaged != label else f"`{_public_name(label)}`"
+    label = _described_text(str(calibration.get("text", "?")))
     samples, seq_len = calibration.get("samples"), calibration.get("seq_len")
     tokens = calibration.get("tokens")
     if samples is None or seq_len is None:
@@ -498,8 +512,11 @@ def _target_options(target: Mapping[str, Any]) -> list[str]:
 def _calibration_options(calibration: Mapping[str, Any]) -> list[str]:
     options = []
     label = calibration.get("text")
-    if label is not None and label != TextSource().label:
+    source = TextSource.from_label(str(label)) if label is not None else TextSource()
+    if source.path is not None:
         options += ["--calib", _public_name(str(label))]
+    elif source != TextSource():
+        options += ["--calib-kinds", ",".join(source.kinds)]
     for key, option in (("samples", "--samples"), ("seq_len", "--seq-len")):
         if calibration.get(key) is not None:
             options += [option, str(calibration[key])]
@@ -549,14 +566,20 @@ def _perplexity(path: Path, plan: MergePlan) -> PerplexityInfo | None:
                 int(row["layers"]),
                 float(row["perplexity"]),
                 tuple(int(layer) for layer in row.get("dropped", ())),
+                {str(kind): float(value) for kind, value in row.get("by_kind", {}).items()},
             )
             for row in raw_rows
         ]
         text, blocks, seq_len = str(data["text"]), int(data["blocks"]), int(data["seq_len"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ResultFileError(path, f"not an evaluation report ({type(exc).__name__}: {exc})") from exc
     if not rows:
         raise ResultFileError(path, "it holds no perplexity rows")
+    kinds = (
+        list(rows[0][4])
+        if len(rows[0][4]) > 1 and all(row[4].keys() == rows[0][4].keys() for row in rows)
+        else []
+    )
     base = rows[0][2] if rows[0][1] == plan.num_layers and not rows[0][3] else None
     lines = [
         PerplexityLine(
@@ -566,20 +589,39 @@ def _perplexity(path: Path, plan: MergePlan) -> PerplexityInfo | None:
             vs_base=None if base is None or index == 0 else 100.0 * (value / base - 1.0),
             dropped=", ".join(map(str, dropped)),
             is_drop_baseline=bool(dropped),
+            by_kind=[by_kind[kind] for kind in kinds],
         )
-        for index, (name, layers, value, dropped) in enumerate(rows)
+        for index, (name, layers, value, dropped, by_kind) in enumerate(rows)
     ]
     merged = next(
         (line for line in lines if line.layers == plan.layers_after and not line.is_drop_baseline), None
     )
+    drops = [line for line in lines if line.is_drop_baseline]
+    worst = _worst_kind(merged, drops, kinds)
     return PerplexityInfo(
-        text=_calibration_text({"text": text}),
+        text=_described_text(text),
         blocks=blocks,
         seq_len=seq_len,
         rows=lines,
         merged=merged,
-        drop_baselines=[line for line in lines if line.is_drop_baseline],
+        drop_baselines=drops,
+        kinds=kinds,
+        worst_kind=worst[0] if worst else None,
+        worst_ratio=worst[1] if worst else None,
     )
+
+
+def _worst_kind(
+    merged: PerplexityLine | None, drops: Sequence[PerplexityLine], kinds: Sequence[str]
+) -> tuple[str, float] | None:
+    """The kind of text on which this model fares worst against the best drop baseline, and that ratio."""
+    if merged is None or not drops or not kinds:
+        return None
+    ratios = [
+        value / min(drop.by_kind[index] for drop in drops) for index, value in enumerate(merged.by_kind)
+    ]
+    index = max(range(len(kinds)), key=ratios.__getitem__)
+    return kinds[index], ratios[index]
 
 
 def _latency(path: Path) -> list[LatencyTable] | None:

@@ -1,0 +1,254 @@
+"""What healing buys on SmolLM2-135M: held-out perplexity before and after, merged against dropped, and speed.
+
+For each removal count in ``--counts`` (SmolLM2-135M has 30 decoder layers):
+
+- ``swm-fit``: ``plan_merge`` with ``target_layers = 30 - count`` and ``build_merged_model``, on the
+  ``CalibrationOptions()`` trace (the shipped calibration corpus, every kind);
+- ``drop-bi``: ShortGPT's block influence dropping of as many layers, from the same trace;
+- each healed with ``swm_hub.heal.heal_model`` and the same options and budget (``--tokens``): LoRA on
+  every decoder layer (``--modules all``; with ``merged``, on the consolidated layers, and for the drop
+  baseline on the layer kept below each dropped run), KL to the dense model on the calibration text, at a
+  learning rate (3e-3) raised for budgets this small: a few thousand tokens per model, what 2 CPU cores heal
+  in a minute.
+
+Held-out perplexity (``HealComparer``: the shipped held-out split, every kind, in ``--eval-blocks`` blocks
+of ``--eval-len`` tokens) is measured for the dense model once and for both models before and after
+healing. "gap closed" is the share of the merged model's perplexity gap to the dense model that healing
+closed. Then the training throughput of our loop is put next to a plain PEFT + transformers loop (a
+hand-written loop: teacher forward, student forward, KL, backward, AdamW step) on the swm-fit model of the
+first count, with the same batch, adapters and ``--speed-steps`` steps; the two alternate
+``--speed-rounds`` times on fresh copies and the best of each is kept (``--only-throughput`` runs just this).
+
+Run it from the repository root (about 10 minutes on a 2-core CPU; set OMP_NUM_THREADS=1 when the machine
+is shared)::
+
+    python benchmarks/heal.py             # counts 9 and 12
+    python benchmarks/heal.py --quick     # count 9 only, a few steps: a 1-2 minute smoke run
+
+It prints a table for people first, then one JSON line with every figure, last, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
+
+from swm_hub.heal import HealOptions, HealResult, adapted_module_names, heal_model, training_blocks
+from swm_hub.heal_compare import HealComparer
+from swm_hub.heal_report import HealComparison
+from swm_hub.layer_trace import BatchTrace
+from swm_hub.merge import build_merged_model, plan_merge
+from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.plan import MergePlan
+from swm_hub.pull import LoadedModel, pull
+
+MODEL = "smollm2"
+LAYERS = 30
+STARTED = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Settings:
+    counts: tuple[int, ...]
+    tokens: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    modules: str
+    eval_blocks: int
+    eval_len: int
+    threads: int
+    speed_steps: int
+    speed_rounds: int
+    only_throughput: bool = False
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="count 9, two short steps, few held-out blocks")
+    parser.add_argument("--counts", type=int, nargs="+", default=[9, 12], help="layers removed")
+    parser.add_argument("--tokens", type=int, default=6 * 4 * 128, help="heal budget per model")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per step")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--modules", default="all", help="merged or all (see swm-hub heal --help)")
+    parser.add_argument("--eval-blocks", type=int, default=10, help="held-out blocks (shared by the kinds)")
+    parser.add_argument("--eval-len", type=int, default=256, help="tokens per held-out block")
+    parser.add_argument("--speed-steps", type=int, default=3, help="steps of each timed training loop")
+    parser.add_argument("--speed-rounds", type=int, default=2, help="alternations of the two timed loops")
+    parser.add_argument("--only-throughput", action="store_true", help="skip the perplexity comparison")
+    args = parser.parse_args(argv)
+    threads = int(os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
+    if args.quick:
+        return Settings((9,), 2 * 4 * 64, 64, 4, args.lr, args.modules, 5, 64, threads, 2, 1)
+    return Settings(
+        tuple(args.counts),
+        args.tokens,
+        args.seq_len,
+        args.batch_size,
+        args.lr,
+        args.modules,
+        args.eval_blocks,
+        args.eval_len,
+        threads,
+        args.speed_steps,
+        args.speed_rounds,
+        args.only_throughput,
+    )
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", flush=True)
+
+
+def plain_peft_tokens_per_s(
+    base: LoadedModel, plan: MergePlan, student: PreTrainedModel, options: HealOptions
+) -> float:
+    """A minimal PEFT + transformers distillation loop on the same model, batch and steps; its tokens/s."""
+    names = adapted_module_names(student, plan, options.modules)
+    config = LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=0.0,
+        target_modules=names,
+        task_type="CAUSAL_LM",
+    )
+    model: Any = get_peft_model(student, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
+    blocks, _ = training_blocks(base.tokenizer, plan, options)
+    model.train()
+    started = time.perf_counter()
+    for step in range(options.steps):
+        ids = blocks[step * options.batch_size : (step + 1) * options.batch_size]
+        with torch.no_grad():
+            teacher = base.model(input_ids=ids, use_cache=False).logits
+        student_logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.kl_div(
+            F.log_softmax(student_logits.float(), -1).flatten(0, 1),
+            F.log_softmax(teacher.float(), -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return options.steps * options.batch_size * options.seq_len / (time.perf_counter() - started)
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    torch.set_num_threads(settings.threads)
+    base = pull(MODEL)
+    log(f"loaded {MODEL}")
+    comparer = HealComparer(base, blocks=settings.eval_blocks, seq_len=settings.eval_len)
+    calibration = CalibrationOptions()
+    traces = comparer.traces(calibration)
+    if not settings.only_throughput:
+        log(f"dense held-out perplexity {comparer.base_row.perplexity:.2f}")
+    options = HealOptions(
+        tokens=settings.tokens,
+        seq_len=settings.seq_len,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        modules=settings.modules,
+        checkpoint_every=0,
+        execution=ExecutionOptions(device="cpu"),
+    )
+
+    def heal_alike(model: PreTrainedModel, plan: MergePlan) -> tuple[PreTrainedModel, HealResult]:
+        return heal_model(model, base.model, plan, base.tokenizer, options)
+
+    counts: dict[str, Any] = {}
+    plans = {
+        removed: plan_merge(
+            base, traces, MergeOptions(target_layers=LAYERS - removed, calibration=calibration), False
+        )
+        for removed in settings.counts
+    }
+    for removed, plan in plans.items() if not settings.only_throughput else ():
+        student = build_merged_model(base, plan, traces)
+        _, result, comparison = comparer.compare(plan, student, options.tokens, heal_alike, heal_alike)
+        log(f"{removed} removed: windows {plan.windows}, healed in {result.record['seconds']:.0f} s")
+        counts[str(removed)] = {
+            "windows": plan.windows,
+            "comparison": asdict(comparison),
+            "heal": result.record,
+        }
+    speed = throughput(base, plans[settings.counts[0]], traces, options, settings)
+    log("training loops timed")
+    return {
+        "settings": asdict(settings),
+        "counts": counts,
+        "throughput": speed,
+        "seconds": time.perf_counter() - STARTED,
+    }
+
+
+def throughput(
+    base: LoadedModel, plan: MergePlan, traces: list[BatchTrace], options: HealOptions, settings: Settings
+) -> dict[str, Any]:
+    """Tokens/s of our loop and of the plain loop, alternating on fresh copies of the same model, best of each.
+
+    Both time their training steps only (not building the model or adding the adapters), on the same
+    blocks, batch and adapters; alternating spreads the load of a shared machine over both.
+    """
+    timed = replace(options, tokens=settings.speed_steps * options.batch_size * options.seq_len)
+    ours, plain = [], []
+    for _ in range(settings.speed_rounds):
+        plain.append(plain_peft_tokens_per_s(base, plan, build_merged_model(base, plan, traces), timed))
+        _, result = heal_model(
+            build_merged_model(base, plan, traces), base.model, plan, base.tokenizer, timed
+        )
+        ours.append(result.tokens_per_s)
+    return {
+        "ours": max(ours),
+        "plain_peft": max(plain),
+        "ours_runs": ours,
+        "plain_runs": plain,
+        "steps": timed.steps,
+    }
+
+
+def table_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for removed, figures in report["counts"].items():
+        comparison = HealComparison.from_dict(figures["comparison"])
+        lines += [f"--- {removed} of {LAYERS} layers removed ---", *comparison.table_lines()]
+        base, merged, dropped = comparison.rows
+        for kind in merged.before_by_kind:
+            lines.append(
+                f"  {kind:<10} dense {base.before_by_kind[kind]:8.2f}  swm-fit {merged.before_by_kind[kind]:8.2f}"
+                f" -> {merged.after_by_kind[kind]:8.2f}  drop-bi {dropped.before_by_kind[kind]:8.2f}"
+                f" -> {dropped.after_by_kind[kind]:8.2f}"
+            )
+        assert merged.after is not None and dropped.after is not None
+        verdict = "beats" if merged.after < dropped.after else "does NOT beat"
+        lines.append(f"healed swm-fit {merged.after:.2f} {verdict} healed drop-bi {dropped.after:.2f}")
+    speed = report["throughput"]
+    lines.append(
+        f"training throughput (best of {len(speed['ours_runs'])} alternating runs of {speed['steps']} steps): ours "
+        f"{speed['ours']:.0f} tokens/s, plain PEFT loop {speed['plain_peft']:.0f} tokens/s "
+        f"({speed['ours'] / speed['plain_peft']:.2f}x)"
+    )
+    lines.append(f"total {report['seconds']:.0f} s with {report['settings']['threads']} thread(s)")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    report = run(parse_args(argv))
+    for line in table_lines(report):
+        print(line)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
