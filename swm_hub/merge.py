@@ -25,7 +25,7 @@ from swm_hub.analyze import (
     calibration_record,
     traced_calibration,
 )
-from swm_hub.architectures import ArchitectureSpec, spec_for_config
+from swm_hub.architectures import ArchitectureSpec, spec_for, spec_for_config
 from swm_hub.checkpoint import (
     build_model,
     build_skeleton,
@@ -401,19 +401,33 @@ def _refuse_missed_target(plan: MergePlan, options: MergeOptions) -> None:
 
 
 def warn_past_measured_wins(plan: MergePlan) -> None:
-    """A cut deeper than any at which the method measured a win over dropping may well lose to it: say so."""
+    """A cut where the method measured a loss to dropping, or deeper than any it was measured at: say so."""
     preset = METHODS.get(plan.method)
-    deepest = preset.deepest_win if preset is not None and plan.merge == preset.merge else None
-    if deepest is not None and plan.removed > deepest * plan.num_layers + 1e-9:
+    if preset is None or plan.merge != preset.merge or preset.deepest_win is None:
+        return
+    fraction = plan.removed / plan.num_layers
+    advice = "check this model with --eval against the drop baselines, or remove fewer layers"
+    if not spec_for(plan.model_type).mlp_out_path and MERGE_RULES[plan.merge].refit:
+        logger.warning(
+            "warning: %s has a norm after the MLP, so the fit rule cannot refit it and %s is plain dropping "
+            "of its windows here, not measured better than dropping (README, Quality); %s",
+            plan.model_type,
+            plan.method,
+            advice,
+        )
+    elif fraction > preset.deepest_win + 1e-9:
         logger.warning(
             "warning: %d of %d layers removed is past the deepest cut (%.0f%% of the layers) at which %s "
-            "measured better than plain layer dropping on every kind of held-out text (README, Quality); "
-            "check this model with --eval, or remove fewer layers",
+            "was measured against plain layer dropping (README, Quality); %s",
             plan.removed,
             plan.num_layers,
-            100 * deepest,
+            100 * preset.deepest_win,
             plan.method,
+            advice,
         )
+    for low, high, measured in preset.measured_losses:
+        if low < fraction < high:
+            logger.warning("warning: %s %s (README, Quality); %s", plan.method, measured, advice)
 
 
 def _refuse_offloaded(loaded: LoadedModel) -> None:

@@ -372,3 +372,31 @@ def test_a_cut_past_the_deepest_measured_win_is_warned_about(
     assert bool(past) == warned
     if warned:
         assert "2 of 6 layers removed" in past[0] and "20% of the layers" in past[0] and "--eval" in past[0]
+
+
+def test_a_cut_where_a_loss_was_measured_is_warned_about(
+    llama: LoadedModel,
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lost = ((0.3, 0.4, "lost on poetry"),)
+    preset = dataclasses.replace(METHODS["swm-fit"], deepest_win=0.5, measured_losses=lost)
+    monkeypatch.setitem(METHODS, "swm-fit", preset)
+    options = MergeOptions(target_layers=TINY_LAYERS - 2, calibration=calibration)  # 33%: inside the range
+    with caplog.at_level("WARNING", logger="swm_hub.merge"):
+        merge(llama, tmp_path / "out", options)
+    assert [r.getMessage() for r in caplog.records if "lost on poetry" in r.getMessage()]
+
+
+def test_gemma_is_warned_about_as_plain_dropping(
+    tiny_model_dir: Callable[[str], Path],
+    calibration: CalibrationOptions,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gemma = pull(str(tiny_model_dir("gemma3_text")))
+    with caplog.at_level("WARNING", logger="swm_hub.merge"):
+        merge(gemma, tmp_path / "out", MergeOptions(target_layers=TINY_LAYERS - 1, calibration=calibration))
+    assert [r.getMessage() for r in caplog.records if "plain dropping" in r.getMessage()]
