@@ -418,7 +418,7 @@ def warn_past_measured_wins(plan: MergePlan) -> None:
     elif fraction > preset.deepest_win + 1e-9:
         logger.warning(
             "warning: %d of %d layers removed is past the deepest cut (%.0f%% of the layers) at which %s "
-            "was measured against plain layer dropping (README, Quality); %s",
+            "measured better than plain layer dropping on every kind of held-out text (README, Quality); %s",
             plan.removed,
             plan.num_layers,
             100 * preset.deepest_win,

@@ -108,8 +108,8 @@ class MethodPreset:
     default_threshold: float
     summary: str
     deepest_win: float | None = None
-    """The largest fraction of the layers removed that was measured with this method and the default
-    calibration against the same-count drop baselines on every held-out kind, left-out kinds included
+    """The largest fraction of the layers removed at which this method, with the default calibration,
+    measured better than the best same-count drop baseline on every held-out kind, left-out kinds included
     (``benchmarks/quality.py``, README "Quality"); past it ``compress`` warns. None: not measured."""
     measured_losses: tuple[tuple[float, float, str], ...] = ()
     """Ranges (low, high) of removed fractions, exclusive, around a measured count that lost to dropping on
@@ -122,7 +122,7 @@ METHODS: dict[str, MethodPreset] = {
         criterion="absolute",
         merge="fit",
         default_threshold=0.97,
-        deepest_win=0.4,
+        deepest_win=0.3,
         measured_losses=(
             (
                 0.1,
