@@ -42,10 +42,9 @@ from typing import Any
 import torch
 
 from swm_hub.analyze import calibration_batches, trace_calibration
-from swm_hub.calibration import KINDS, TextSource, token_blocks
+from swm_hub.calibration import KINDS, TextSource
 from swm_hub.evaluate import (
     DROP_RULES,
-    EVAL_BATCH,
     HeldoutBatches,
     batch_losses,
     heldout_batches,
@@ -96,11 +95,10 @@ def note(message: str) -> None:
 
 def outside_batches(tokenizer: Any, folder: Path, blocks: int, length: int) -> dict[str, list[torch.Tensor]]:
     """Every ``*.txt`` of ``folder`` as one more held-out kind, cut like the shipped ones."""
-    found: dict[str, list[torch.Tensor]] = {}
-    for path in sorted(folder.glob("*.txt")):
-        ids = token_blocks(tokenizer, path.read_text(encoding="utf-8"), blocks, length, str(path))
-        found[f"outside:{path.stem}"] = [ids[i : i + EVAL_BATCH] for i in range(0, len(ids), EVAL_BATCH)]
-    return found
+    return {
+        f"outside:{path.stem}": heldout_batches(tokenizer, TextSource(path=path), blocks, length).batches
+        for path in sorted(folder.glob("*.txt"))
+    }
 
 
 def traced(loaded: LoadedModel, kinds: tuple[str, ...]) -> list[BatchTrace]:

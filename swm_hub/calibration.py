@@ -51,10 +51,6 @@ class TextSource:
         chosen = "" if self.kinds == KINDS else f"[{','.join(self.kinds)}]"
         return f"{CORPUS_PREFIX}{self.split}{chosen}"
 
-    @property
-    def shipped(self) -> bool:
-        return self.path is None
-
     @classmethod
     def from_label(cls, label: str) -> TextSource:
         """The source a plan's label names; anything not shipped is a file path."""

@@ -207,13 +207,20 @@ class EvalReport:
         drops = [row for row in self.rows if row.dropped]
         if merged is None or not drops:
             return []
-        ratios = {kind: merged.by_kind[kind] / min(d.by_kind[kind] for d in drops) for kind in merged.by_kind}
+        ratios = ratios_to_best_drop(merged.by_kind, [drop.by_kind for drop in drops])
         worst = max(ratios, key=ratios.__getitem__)
         lost = [kind for kind, ratio in ratios.items() if ratio > 1.0]
         verdict = (
             f"worse than dropping on {', '.join(lost)}" if lost else "better than dropping on every kind"
         )
         return [f"merged / best drop baseline: worst {ratios[worst]:.3f} ({worst}); {verdict}"]
+
+
+def ratios_to_best_drop(
+    merged: Mapping[str, float], drops: Sequence[Mapping[str, float]]
+) -> dict[str, float]:
+    """Per kind, the merged model's perplexity over the best drop baseline's on that kind (below 1: a win)."""
+    return {kind: value / min(drop[kind] for drop in drops) for kind, value in merged.items()}
 
 
 def model_losses(
@@ -237,17 +244,6 @@ def model_losses(
     layers = decoder_layers(loaded.model, spec)
     with passing_through([layers[i] for i in skip]):
         return batch_losses(loaded.model, batches, progress, label)
-
-
-def model_perplexity(
-    loaded: LoadedModel,
-    batches: Sequence[torch.Tensor],
-    progress: bool,
-    label: str,
-    skip: Collection[int] = (),
-) -> float:
-    """``perplexity`` of a pulled model with the layers ``skip`` left out (see ``model_losses``)."""
-    return _perplexity_of(model_losses(loaded, batches, progress, label, skip))
 
 
 def evaluate(

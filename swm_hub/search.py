@@ -38,6 +38,7 @@ from swm_hub.architectures import ArchitectureSpec
 from swm_hub.consolidate import MergeRule, consolidate
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, apply_layer, flat_hidden
+from swm_hub.similarity import mean_cosine
 
 Window = tuple[int, int]
 LayerRef = nn.Module | int
@@ -139,10 +140,7 @@ class WindowSearch:
     def layer_cosine(self, index: int) -> float:
         """Mean cosine between what enters and what leaves layer ``index`` in the original model."""
         if index not in self._layer_cosines:
-            cosine = torch.nn.functional.cosine_similarity(
-                self.flat_hidden(index), self.flat_hidden(index + 1), dim=-1
-            )
-            self._layer_cosines[index] = float(cosine.mean())
+            self._layer_cosines[index] = mean_cosine(self.flat_hidden(index), self.flat_hidden(index + 1))
         return self._layer_cosines[index]
 
     def candidate_finals(self, low: int, high: int, above: Above) -> list[torch.Tensor]:

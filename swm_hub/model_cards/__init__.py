@@ -39,6 +39,7 @@ from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.consolidate import MERGE_RULES, PAPER_URL
 from swm_hub.errors import ResultFileError, SwmHubError, UnknownModelError
+from swm_hub.evaluate import ratios_to_best_drop
 from swm_hub.heal_report import HealInfo, heal_info
 from swm_hub.options import METHODS, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
@@ -617,11 +618,12 @@ def _worst_kind(
     """The kind of text on which this model fares worst against the best drop baseline, and that ratio."""
     if merged is None or not drops or not kinds:
         return None
-    ratios = [
-        value / min(drop.by_kind[index] for drop in drops) for index, value in enumerate(merged.by_kind)
-    ]
-    index = max(range(len(kinds)), key=ratios.__getitem__)
-    return kinds[index], ratios[index]
+    ratios = ratios_to_best_drop(
+        dict(zip(kinds, merged.by_kind, strict=True)),
+        [dict(zip(kinds, d.by_kind, strict=True)) for d in drops],
+    )
+    worst = max(ratios, key=ratios.__getitem__)
+    return worst, ratios[worst]
 
 
 def _latency(path: Path) -> list[LatencyTable] | None:
