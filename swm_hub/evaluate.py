@@ -191,13 +191,14 @@ class EvalReport:
     def table_lines(self) -> list[str]:
         """A plain table, one row per model: perplexity over all held-out tokens, then per kind of text."""
         kinds = self.kinds
-        header = f"{'model':<34} {'layers':>6} {'all':>9}" + "".join(f" {k[:10]:>10}" for k in kinds)
+        width = max(len("model"), *(len(row.name) for row in self.rows))
+        header = f"{'model':<{width}} {'layers':>6} {'all':>9}" + "".join(f" {k[:10]:>10}" for k in kinds)
         lines = [f"held-out perplexity on {self.text} ({self.blocks} blocks x {self.seq_len} tokens)", header]
         for row in self.rows:
             dropped = ",".join(map(str, row.dropped)) or "-"
             per_kind = "".join(f" {row.by_kind[k]:>10.2f}" for k in kinds)
             lines.append(
-                f"{row.name:<34} {row.layers:>6} {row.perplexity:>9.2f}{per_kind}  dropped {dropped}"
+                f"{row.name:<{width}} {row.layers:>6} {row.perplexity:>9.2f}{per_kind}  dropped {dropped}"
             )
         return lines + self.verdict_lines()
 

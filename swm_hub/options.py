@@ -127,7 +127,7 @@ METHODS: dict[str, MethodPreset] = {
             (
                 0.1,
                 0.3,
-                "at 6 of 30 layers (SmolLM2) it measured worse than angular-distance dropping on narrative "
+                "measured worse than angular-distance dropping at 6 of 30 layers (SmolLM2) on narrative "
                 "text (1.14x its perplexity), and on speeches when they were left out of the calibration",
             ),
         ),

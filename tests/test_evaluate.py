@@ -12,6 +12,8 @@ from conftest import TINY_LAYERS, build_tiny_model
 
 from swm_hub.evaluate import (
     DROP_RULES,
+    EvalReport,
+    PerplexityRow,
     drop_by_angular_distance,
     drop_by_block_influence,
     model_losses,
@@ -155,3 +157,24 @@ def test_skipping_layers_equals_the_model_saved_without_them(
     assert skipped != pytest.approx(whole, rel=1e-4)
     layers = loaded.model.base_model.get_submodule("layers" if model_type != "gpt2" else "h")
     assert not any("forward" in vars(layer) for layer in layers)  # the skip is undone
+
+
+def test_the_eval_table_stays_aligned_with_a_long_model_name() -> None:
+    kinds = {"narrative": 30.0, "code": 10.0}
+    report = EvalReport(
+        text="swm_hub:corpus/heldout",
+        blocks=4,
+        seq_len=16,
+        rows=[
+            PerplexityRow("base: SmolLM2-135M-Instruct.Q4_1.gguf with a long name", 30, 24.0, (), kinds),
+            PerplexityRow("merged: swm-fit, fit rule", 24, 40.0, (), {"narrative": 60.0, "code": 19.0}),
+            PerplexityRow("drop-bi", 24, 58.0, (13, 14), {"narrative": 76.0, "code": 28.0}),
+        ],
+    )
+    header, *rows = report.table_lines()[1:4]
+    column = header.index("layers")
+    assert all(row[column : column + 6].strip().isdigit() for row in rows)
+    assert (
+        report.table_lines()[-1]
+        == "merged / best drop baseline: worst 0.789 (narrative); better than dropping on every kind"
+    )
