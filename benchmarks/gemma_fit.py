@@ -47,7 +47,7 @@ from torch import nn
 
 from swm_hub.architectures import spec_for_config
 from swm_hub.calibration import TextSource, even_counts, read_texts
-from swm_hub.consolidate import MERGE_RULES, combine_window, norm_parameter_names
+from swm_hub.consolidate import MERGE_RULES, combine_window
 from swm_hub.evaluate import DROP_RULES, perplexity, windows_for_dropped
 from swm_hub.gradient_fit import (
     DEFAULT_LR,
@@ -57,6 +57,7 @@ from swm_hub.gradient_fit import (
     default_trained,
     gradient_refit,
 )
+from swm_hub.layer_parameters import norm_parameter_names
 from swm_hub.layer_trace import BatchTrace, decoder_layers, passing_through, trace_batch
 from swm_hub.pull import GEMMA3_NAME, LoadedModel, pull
 

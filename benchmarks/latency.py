@@ -44,10 +44,11 @@ from typing import Any
 import torch
 
 from swm_hub import MergeOptions, compress
-from swm_hub.bench import BenchReport, bench, bench_loaded
+from swm_hub.bench import bench, bench_loaded
 from swm_hub.checkpoint import output_folder, save_model_folder
 from swm_hub.exporters import export_onnx
 from swm_hub.pull import LoadedModel, ModelSource, pull
+from swm_hub.results.bench import BenchReport
 
 MODEL = "smollm2"
 TARGET_LAYERS = 21

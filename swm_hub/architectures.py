@@ -26,14 +26,11 @@ class ArchitectureSpec:
         final_norm_path: dotted path of the norm applied after the last layer, before the LM head.
         count_key: the ``config.json`` key that holds the number of layers.
         layer_indexed_fields: lists with one entry per layer (``layer_types``); keep the surviving entries.
-        layer_number_fields: lists of layer numbers (``mlp_only_layers``); renumber and drop merged ones.
         cutoff_fields: a layer number below which something applies (``max_window_layers``); recompute.
-        pattern_fields: scalars that imply ``layer_types`` (``_sliding_window_pattern``); the rewrite writes
-            the explicit list, so these stay as they are but no longer decide anything.
         logit_softcap_key: config key of a final logit soft-capping (Gemma 2/3), applied after the LM head.
         mlp_out_path: the MLP's output projection inside a layer, whose output is added to the residual stream
             as is; the least-squares consolidation refits it. None where a norm follows it (Gemma 2/3), which
-            makes the fit non-linear: those architectures merge without the fit.
+            makes the fit non-linear: the fit rule trains the layer by gradient steps there instead.
         onnx_atol: the largest absolute difference allowed between torch and ONNX Runtime outputs (logits and
             KV cache) of a float32 export; float16 exports use ``onnx_atol_fp16``. SmolLM2-135M's logits
             differ by up to 1e-4 (sums in another order), so 1e-3 leaves room for larger models while a wrong
@@ -45,9 +42,7 @@ class ArchitectureSpec:
     final_norm_path: str
     count_key: str = "num_hidden_layers"
     layer_indexed_fields: tuple[str, ...] = ()
-    layer_number_fields: tuple[str, ...] = ()
     cutoff_fields: tuple[str, ...] = ()
-    pattern_fields: tuple[str, ...] = ()
     logit_softcap_key: str | None = None
     mlp_out_path: str | None = "mlp.down_proj"
     onnx_atol: float = 1e-3
@@ -61,6 +56,13 @@ _QWEN = ArchitectureSpec(
     layer_indexed_fields=("layer_types",),
     cutoff_fields=("max_window_layers",),
 )
+_GEMMA = ArchitectureSpec(
+    layers_path="model.layers",
+    final_norm_path="model.norm",
+    layer_indexed_fields=("layer_types",),
+    logit_softcap_key="final_logit_softcapping",
+    mlp_out_path=None,
+)
 
 ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -68,21 +70,8 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
     "phi3": _LLAMA_LIKE,
     "qwen2": _QWEN,
     "qwen3": _QWEN,
-    "gemma2": ArchitectureSpec(
-        layers_path="model.layers",
-        final_norm_path="model.norm",
-        layer_indexed_fields=("layer_types",),
-        logit_softcap_key="final_logit_softcapping",
-        mlp_out_path=None,
-    ),
-    "gemma3_text": ArchitectureSpec(
-        layers_path="model.layers",
-        final_norm_path="model.norm",
-        layer_indexed_fields=("layer_types",),
-        pattern_fields=("_sliding_window_pattern", "sliding_window_pattern"),
-        logit_softcap_key="final_logit_softcapping",
-        mlp_out_path=None,
-    ),
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
     "gpt2": ArchitectureSpec(
         layers_path="transformer.h",
         final_norm_path="transformer.ln_f",

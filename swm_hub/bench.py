@@ -29,17 +29,15 @@ no working memory (``memory_method`` in the report says which was used).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +47,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, CompileConfig, GenerationConfig
 
 from swm_hub.architectures import spec_for_config
+from swm_hub.devices import DTYPES, dtype_name
 from swm_hub.errors import InvalidOptionError, UnknownModelError
 from swm_hub.exporters.genai import GenaiModel, genai_folder, require_genai
 from swm_hub.exporters.ort_generate import (
@@ -58,15 +57,14 @@ from swm_hub.exporters.ort_generate import (
     per_token_weight_bytes,
 )
 from swm_hub.exporters.validate import check_device
+from swm_hub.files import ONNX_FOLDER
 from swm_hub.pull import LoadedModel, pull
+from swm_hub.results.bench import BenchReport, ModelBench, Stat
 
 __all__ = [
     "BACKENDS",
     "BENCH_PROMPT",
     "Backend",
-    "BenchReport",
-    "ModelBench",
-    "Stat",
     "bench",
     "bench_loaded",
     "prompt_ids",
@@ -76,254 +74,14 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["torch", "onnxruntime", "genai"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "genai")
-BENCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCH_PROMPT: str = (
     "The library stood at the end of a quiet street, its windows glowing warmly against the winter dusk. "
     "Inside, an old librarian was sorting letters that had arrived from every corner of the country, each one "
     "asking for a book that had long been out of print."
 )
-ONNX_SUBFOLDER: str = "onnx"
 _MB = 2**20
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Median, minimum and maximum of one measure over the timed runs."""
-
-    median: float
-    min: float
-    max: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        """Summarize the per-run values of a measure."""
-        return cls(median=float(statistics.median(values)), min=float(min(values)), max=float(max(values)))
-
-    def to_dict(self) -> dict[str, float]:
-        return {"median": self.median, "min": self.min, "max": self.max}
-
-
-@dataclass(frozen=True)
-class ModelBench:
-    """The measures of one model.
-
-    Attributes:
-        name: the model as given (a name, a folder or an ONNX export folder).
-        layers: its number of decoder layers.
-        weights_mb: the size of its weights in memory (torch) or on disk (ONNX files).
-        per_token_weights_mb: the weights one decoding step reads: the layers and the LM head, without an
-            input embedding that is only gathered (one row per token); None where the backend cannot tell.
-        prefill_ms: one forward pass over the prompt, to the first token's logits.
-        decode_ms_per_token: ``(end_to_end - prefill) / (new_tokens - 1)``.
-        end_to_end_ms: ``generate`` from the prompt to the last new token.
-        tokens_per_s: new tokens over the end-to-end time.
-        peak_memory_mb: weights plus the run's peak working memory (see the module docstring).
-        end_to_end_cpu_ms: the process's CPU time (all threads, user and system) over the end-to-end run.
-            On a CPU shared with other work it does not count the time the run waited for a core, so its
-            ratio estimates the speedup better than wall time there; on CUDA it is host time only.
-        runs_end_to_end_ms: the end-to-end time of each timed run, in order.
-    """
-
-    name: str
-    layers: int
-    weights_mb: float
-    per_token_weights_mb: float | None
-    prefill_ms: Stat
-    decode_ms_per_token: Stat
-    end_to_end_ms: Stat
-    tokens_per_s: Stat
-    peak_memory_mb: Stat
-    end_to_end_cpu_ms: Stat
-    runs_end_to_end_ms: tuple[float, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "layers": self.layers,
-            "weights_mb": self.weights_mb,
-            "per_token_weights_mb": self.per_token_weights_mb,
-            "prefill_ms": self.prefill_ms.to_dict(),
-            "decode_ms_per_token": self.decode_ms_per_token.to_dict(),
-            "end_to_end_ms": self.end_to_end_ms.to_dict(),
-            "tokens_per_s": self.tokens_per_s.to_dict(),
-            "peak_memory_mb": self.peak_memory_mb.to_dict(),
-            "end_to_end_cpu_ms": self.end_to_end_cpu_ms.to_dict(),
-            "runs_end_to_end_ms": list(self.runs_end_to_end_ms),
-        }
-
-
-# (label, field, whether larger is better) of each table row.
-_ROWS: tuple[tuple[str, str, bool], ...] = (
-    ("prefill (ms)", "prefill_ms", False),
-    ("decode (ms/token)", "decode_ms_per_token", False),
-    ("end-to-end {p}/{n} (ms)", "end_to_end_ms", False),
-    ("tokens/s", "tokens_per_s", True),
-    ("peak memory (MB)", "peak_memory_mb", False),
-    ("end-to-end CPU time (ms)", "end_to_end_cpu_ms", False),
-)
-
-
-@dataclass(frozen=True)
-class BenchReport:
-    """A benchmark's settings, the model's measures, and the baseline's with the speedups when given.
-
-    ``speedup`` maps each measure to baseline over model (model over baseline for tokens/s), so above 1 is
-    better for every entry; ``measured_speedup`` is the end-to-end one, and ``ideal_speedup`` is the
-    baseline's layers over the model's. ``weight_ratio`` is the baseline's per-token weights over the
-    model's: what a decode bound by reading weights gains, since the LM head does not shrink.
-    """
-
-    backend: str
-    device: str
-    dtype: str
-    compiled: bool
-    prompt_tokens: int
-    new_tokens: int
-    runs: int
-    warmup: int
-    memory_method: str
-    model: ModelBench
-    baseline: ModelBench | None = None
-    environment: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def speedup(self) -> dict[str, float] | None:
-        if self.baseline is None:
-            return None
-        return {
-            name: _gain(getattr(self.baseline, name).median, getattr(self.model, name).median, higher_better)
-            for _, name, higher_better in _ROWS
-        }
-
-    @property
-    def measured_speedup(self) -> float | None:
-        """Baseline end-to-end median over the model's."""
-        speedup = self.speedup
-        return speedup["end_to_end_ms"] if speedup is not None else None
-
-    @property
-    def ideal_speedup(self) -> float | None:
-        """Layers before over layers after: what removing layers would buy if nothing else cost time."""
-        if self.baseline is None:
-            return None
-        return self.baseline.layers / self.model.layers
-
-    @property
-    def weight_ratio(self) -> float | None:
-        """Per-token weights before over after (layers and LM head), where both backends report them."""
-        before = self.baseline.per_token_weights_mb if self.baseline is not None else None
-        after = self.model.per_token_weights_mb
-        return before / after if before and after else None
-
-    @property
-    def speedup_efficiency(self) -> float | None:
-        """Measured end-to-end speedup as a fraction of the ideal one."""
-        measured, ideal = self.measured_speedup, self.ideal_speedup
-        return measured / ideal if measured is not None and ideal is not None else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "device": self.device,
-            "dtype": self.dtype,
-            "compiled": self.compiled,
-            "prompt_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "runs": self.runs,
-            "warmup": self.warmup,
-            "memory_method": self.memory_method,
-            "model": self.model.to_dict(),
-            "baseline": self.baseline.to_dict() if self.baseline is not None else None,
-            "speedup": self.speedup,
-            "measured_speedup": self.measured_speedup,
-            "ideal_speedup": self.ideal_speedup,
-            "weight_ratio": self.weight_ratio,
-            "speedup_efficiency": self.speedup_efficiency,
-            "environment": self.environment,
-        }
-
-    def to_json(self) -> str:
-        """The report as one line of JSON."""
-        return json.dumps(self.to_dict(), sort_keys=False)
-
-    def save_json(self, path: Path) -> None:
-        """Write the report as JSON to ``path`` (a file the caller named; its folder is created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-    def title(self) -> str:
-        path = "compiled static cache" if self.compiled else "eager"
-        return (
-            f"{self.backend} on {self.device} ({self.dtype}, {path}): {self.prompt_tokens}-token prompt, "
-            f"{self.new_tokens} new tokens, median [min-max] of {self.runs} runs after {self.warmup} warm-up"
-        )
-
-    def rows(self) -> list[list[str]]:
-        """Header and body cells of the table: measure, baseline, model, gain."""
-        columns = [self.baseline, self.model] if self.baseline is not None else [self.model]
-        header = ["measure"] + [f"{bench.name} ({bench.layers} layers)" for bench in columns]
-        if self.baseline is not None:
-            header.append("gain")
-        body = []
-        speedup = self.speedup
-        for label, name, _ in _ROWS:
-            row = [label.format(p=self.prompt_tokens, n=self.new_tokens)]
-            row += [_cell(getattr(bench, name)) for bench in columns]
-            if speedup is not None:
-                row.append(f"{speedup[name]:.2f}x")
-            body.append(row)
-        return [header, *body]
-
-    def summary(self) -> str | None:
-        """The line that compares the measured speedup with the ideal one."""
-        if self.baseline is None:
-            return None
-        line = (
-            f"ideal speedup {self.baseline.layers}/{self.model.layers} layers = {self.ideal_speedup:.2f}x; "
-            f"measured end-to-end {self.measured_speedup:.2f}x = {self.speedup_efficiency:.2f} of ideal"
-        )
-        speedup = self.speedup
-        if self.device == "cpu" and speedup is not None:
-            line += f" (by CPU time {speedup['end_to_end_cpu_ms']:.2f}x)"
-        ratio = self.weight_ratio
-        if ratio is not None and speedup is not None:
-            line += (
-                f"; per-token weights (layers + LM head) ratio {ratio:.2f}x: decode "
-                f"{speedup['decode_ms_per_token'] / ratio:.2f} and end-to-end {speedup['end_to_end_ms'] / ratio:.2f} of it"
-            )
-        return line
-
-    def table_lines(self) -> list[str]:
-        """A plain-text table (title, header, one line per measure, then the speedup summary)."""
-        rows = self.rows()
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [self.title()]
-        for index, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])] + [
-                cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
-            ]
-            lines.append("  ".join(cells).rstrip())
-            if index == 0:
-                lines.append("  ".join("-" * width for width in widths))
-        summary = self.summary()
-        if summary is not None:
-            lines.append(summary)
-        return lines
-
-    def rich_table(self) -> Any:
-        """The same table as a ``rich.table.Table`` (rich comes with typer)."""
-        from rich.table import Table
-
-        rows = self.rows()
-        table = Table(title=self.title(), caption=self.summary())
-        for index, name in enumerate(rows[0]):
-            table.add_column(name, justify="left" if index == 0 else "right")
-        for row in rows[1:]:
-            table.add_row(*row)
-        return table
 
 
 def bench(
@@ -355,8 +113,8 @@ def bench(
             run compiles).
         compiled: the static-cache ``torch.compile`` path; default on for torch on CUDA, and only possible
             there.
-        dtype: ``fp32``, ``fp16`` or ``bf16`` for torch (default fp16 on CUDA, fp32 on CPU); ONNX Runtime runs
-            the export's own dtype.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for torch (``fp32``, ``bf16``, ``fp16`` also accepted;
+            default float16 on CUDA, float32 on CPU); ONNX Runtime runs the export's own dtype.
         threads: CPU threads for torch and ONNX Runtime during the benchmark (default: theirs, one per core);
             on a busy machine fewer threads than cores avoid stalls while threads wait for each other.
 
@@ -368,7 +126,7 @@ def bench(
     compiled = _check_options(backend, device, prompt_tokens, new_tokens, runs, warmup, compiled, dtype)
     if threads is not None and threads < 1:
         raise InvalidOptionError(f"--threads must be at least 1, got {threads}")
-    torch_dtype = BENCH_DTYPES[dtype or ("fp16" if device == "cuda" else "fp32")]
+    torch_dtype = DTYPES[dtype_name(dtype) if dtype is not None else _default_dtype(device)]
     names = ([baseline] if baseline is not None else []) + [model]
     with _torch_threads(threads):
         runners = [_load(str(name), backend, device, torch_dtype, compiled, threads) for name in names]
@@ -466,6 +224,11 @@ def prompt_ids(tokenizer: Any, length: int) -> torch.Tensor:
 # --- options -----------------------------------------------------------------------------------------------
 
 
+def _default_dtype(device: str) -> str:
+    """float16 on CUDA, where it is what is deployed; float32 on the CPU, whose float16 kernels are slow."""
+    return "float16" if device == "cuda" else "float32"
+
+
 def _check_options(
     backend: str,
     device: str,
@@ -484,8 +247,6 @@ def _check_options(
             "bench needs --prompt-tokens >= 1, --new-tokens >= 2, --runs >= 1 and --warmup >= 0 "
             f"(got {prompt_tokens}, {new_tokens}, {runs}, {warmup})"
         )
-    if dtype is not None and dtype not in BENCH_DTYPES:
-        raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of {', '.join(BENCH_DTYPES)}")
     if dtype is not None and backend != "torch":
         raise InvalidOptionError(
             f"--dtype applies to the torch backend; {backend} runs the export's own dtype"
@@ -622,12 +383,12 @@ def _onnx_folder(name: str) -> Path:
         raise UnknownModelError(
             name, "the onnxruntime backend needs a local folder holding an ONNX export (`swm-hub export DIR`)"
         )
-    for folder in (path, path / ONNX_SUBFOLDER):
+    for folder in (path, path / ONNX_FOLDER):
         if any((folder / file).is_file() for file in MODEL_FILE_NAMES.values()):
             return folder.absolute()
     raise UnknownModelError(
         name,
-        f"{path} holds no {' or '.join(MODEL_FILE_NAMES.values())} and no {ONNX_SUBFOLDER}/ subfolder with one: "
+        f"{path} holds no {' or '.join(MODEL_FILE_NAMES.values())} and no {ONNX_FOLDER}/ subfolder with one: "
         f"run `swm-hub export {path}`",
     )
 
@@ -870,22 +631,11 @@ def _maxrss_mb() -> float:
     return peak / _MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
 
 
-# --- report helpers ----------------------------------------------------------------------------------------
-
-
-def _gain(baseline: float, model: float, higher_better: bool) -> float:
-    if higher_better:
-        return model / baseline if baseline > 0 else float("inf")
-    return baseline / model if model > 0 else float("inf")
-
-
-def _cell(stat: Stat) -> str:
-    digits = 1 if stat.median >= 10 else 2
-    return f"{stat.median:.{digits}f} [{stat.min:.{digits}f}-{stat.max:.{digits}f}]"
+# --- settings and environment ----------------------------------------------------------------------------
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    names = {value: key for key, value in BENCH_DTYPES.items()}
+    names = {value: key for key, value in DTYPES.items()}
     return names.get(dtype, str(dtype).removeprefix("torch."))
 
 

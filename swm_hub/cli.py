@@ -387,7 +387,7 @@ HEAL_EXAMPLES = """\b
 Examples:
   swm-hub heal smollm2-swm-24L
   swm-hub heal smollm2-swm-24L --tokens 500000 --rank 16 --out smollm2-swm-24L-healed
-  swm-hub heal smollm2-swm-24L --modules all --hidden-weight 0.1 --keep-adapter
+  swm-hub heal smollm2-swm-24L --modules merged --hidden-weight 0.1 --keep-adapter
   swm-hub heal smollm2-swm-24L --calib my-domain.jsonl --lr 1e-3 --seed 1
   swm-hub heal smollm2-swm-24L --resume
   swm-hub heal smollm2-swm-24L --compare
@@ -515,7 +515,7 @@ Examples:
   swm-hub export smollm2-swm-24L
   swm-hub export smollm2-swm-24L --out smollm2-swm-24L-onnx --overwrite
   swm-hub export smollm2-swm-24L --format genai
-  swm-hub export smollm2-swm-24L --format genai --precision fp32 --out smollm2-swm-24L-genai-fp32
+  swm-hub export smollm2-swm-24L --format genai --precision float32 --out smollm2-swm-24L-genai-fp32
 """
 
 
@@ -539,10 +539,19 @@ def export(
             "--format", help="onnx (ONNX with KV cache) or genai (onnxruntime-genai's model builder, CPU)"
         ),
     ] = "onnx",
-    dtype: Annotated[str, typer.Option("--dtype", help="onnx: fp32, or fp16 (needs --device cuda)")] = "fp32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="onnx: float32, or float16 (needs --device cuda); fp32, fp16 also accepted"
+        ),
+    ] = "float32",
     precision: Annotated[
         str | None,
-        typer.Option("--precision", help="genai: int4 (default, 4-bit weights) or fp32", show_default=False),
+        typer.Option(
+            "--precision",
+            help="genai: int4 (default, 4-bit weights) or float32 (fp32 also accepted)",
+            show_default=False,
+        ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     overwrite: OverwriteOpt = False,
@@ -550,13 +559,13 @@ def export(
 ) -> None:
     """Export to ONNX with KV cache (torch.onnx.export; the names optimum and transformers.js read) and check it.
 
-    Writes onnx/model.onnx (model_fp16.onnx for fp16) with config and tokenizer beside it. The check runs
+    Writes onnx/model.onnx (model_fp16.onnx for float16) with config and tokenizer beside it. The check runs
     a prefill and two decoding steps, batch 1 and a left-padded batch 2, through torch and ONNX Runtime
     and prints the largest absolute difference of every output; a difference above the architecture's
     tolerance is an error. Models over 2 GB get their weights in one model.onnx_data file.
 
     With --format genai, onnxruntime-genai's model builder writes the model for its generator (extra
-    [genai]), and the check generates a few tokens greedily with it: fp32 logits must match torch's
+    [genai]), and the check generates a few tokens greedily with it: float32 logits must match torch's
     within the tolerance; int4 must generate every token, and its agreement with torch is printed.
     """
     configure(quiet_requested(quiet))
@@ -601,6 +610,15 @@ def bench(
         ),
     ] = "torch",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="torch backend: float32, bfloat16 or float16 (fp32, bf16, fp16 also accepted; "
+            "default float16 on cuda, float32 on cpu)",
+            show_default=False,
+        ),
+    ] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length in tokens")] = 12,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="tokens generated per run")] = 128,
     runs: Annotated[int, typer.Option("--runs", help="timed runs per model, after one warm-up")] = 5,
@@ -633,6 +651,7 @@ def bench(
         new_tokens=new_tokens,
         runs=runs,
         compiled=compiled,
+        dtype=dtype,
         threads=threads,
     )
     for line in report.table_lines():
@@ -749,6 +768,10 @@ def main() -> None:
     except errors.SwmHubError as error:
         if os.environ.get("SWM_HUB_DEBUG", "") not in ("", "0"):
             raise
+        if (
+            os.environ.get("RANK", "0") != "0"
+        ):  # under accelerate launch, every process fails alike: one says it
+            sys.exit(1)
         hint = _hint(error)
         typer.echo(f"error: {error}", err=True)
         if hint:

@@ -84,9 +84,6 @@ def rewrite_config(config: dict[str, Any], kept: Sequence[int]) -> dict[str, Any
         entries = _per_layer_entries(config, field, num_layers)
         if entries is not None:
             new[field] = [entries[index] for index in kept]
-    for field in spec.layer_number_fields:
-        if config.get(field) is not None:
-            new[field] = _renumber(config[field], kept)
     for field in spec.cutoff_fields:
         if config.get(field) is not None:
             new[field] = sum(1 for index in kept if index < config[field])
@@ -116,9 +113,3 @@ def _per_layer_entries(config: dict[str, Any], field: str, num_layers: int) -> l
             f"config field {field!r} should have one entry per layer ({num_layers}): {entries!r}"
         )
     return list(entries)
-
-
-def _renumber(layer_numbers: Sequence[int], kept: Sequence[int]) -> list[int]:
-    """New positions whose representative was listed; members merged into a window drop out with it."""
-    listed = set(layer_numbers)
-    return [position for position, index in enumerate(kept) if index in listed]

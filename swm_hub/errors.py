@@ -189,6 +189,26 @@ class ResultFileError(SwmHubError, ValueError):
         super().__init__(f"cannot read the result file {self.path}: {reason}; regenerate it or delete it")
 
 
+class ResultFileVersionError(ResultFileError):
+    """A result file that a newer swm-hub wrote, in a schema this release does not know.
+
+    A subclass, so that a caller catching ``ResultFileError`` catches it too; only the message differs, since
+    the file is fine and regenerating it with this release would lose what the newer one measured.
+
+    Attributes:
+        found: the file's ``schema_version``; newest: the newest this release reads.
+    """
+
+    def __init__(self, path: Path | str, found: int, newest: int) -> None:
+        super().__init__(path, f"schema_version {found} is newer than {newest}")
+        self.found = found
+        self.newest = newest
+        self.args = (
+            f"cannot read the result file {self.path}: a newer swm-hub wrote it (schema_version {found}; "
+            f"this release reads up to {newest}): upgrade swm-hub (pip install --upgrade swm-hub)",
+        )
+
+
 class UnsafeOutputError(SwmHubError, ValueError):
     """An ``--out`` whose replacement would destroy an input: the model, a folder holding it, or the working directory."""
 

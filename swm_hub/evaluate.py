@@ -8,10 +8,9 @@ they never drop the first or the last layer, so both sides choose from the same 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,19 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from swm_hub.analyze import calibration_batches, traced_calibration
 from swm_hub.architectures import spec_for_config
 from swm_hub.calibration import TextSource, blocks_by_kind
-from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
 from swm_hub.layerwise import StreamedLayers, final_hidden_layerwise
 from swm_hub.options import CalibrationOptions, ExecutionOptions, check_block_length
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull_for
+from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
 from swm_hub.similarity import io_redundancy, mean_cosine
+from swm_hub.tracing import calibration_batches, traced_calibration
 
 EVAL_BATCH = 8
-EVAL_FILE = "eval.json"
-MERGED_PREFIX = "merged: "
 DEFAULT_EXECUTION = ExecutionOptions()
 
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
@@ -137,17 +134,6 @@ def windows_for_dropped(dropped: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class PerplexityRow:
-    """One line of an evaluation table: perplexity over every held-out token, and over each kind's alone."""
-
-    name: str
-    layers: int
-    perplexity: float
-    dropped: tuple[int, ...] = ()
-    by_kind: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class HeldoutBatches:
     """Held-out blocks in batches that never mix kinds, so each kind's perplexity can be read off the losses."""
 
@@ -166,62 +152,6 @@ class HeldoutBatches:
             kind: _perplexity_of([next(remaining) for _ in batches]) for kind, batches in self.by_kind.items()
         }
         return PerplexityRow(name, layers, _perplexity_of(losses), tuple(dropped), by_kind)
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    """Held-out perplexity of a merged model beside its base model and the same-count drop baselines."""
-
-    text: str
-    blocks: int
-    seq_len: int
-    rows: list[PerplexityRow]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    def save(self, folder: Path) -> Path:
-        """Write ``eval.json`` into a model folder through a temporary file, so a reader never sees half."""
-        return write_text_atomically(folder / EVAL_FILE, self.to_json())
-
-    @property
-    def kinds(self) -> list[str]:
-        return list(self.rows[0].by_kind) if self.rows and len(self.rows[0].by_kind) > 1 else []
-
-    def table_lines(self) -> list[str]:
-        """A plain table, one row per model: perplexity over all held-out tokens, then per kind of text."""
-        kinds = self.kinds
-        width = max(len("model"), *(len(row.name) for row in self.rows))
-        header = f"{'model':<{width}} {'layers':>6} {'all':>9}" + "".join(f" {k[:10]:>10}" for k in kinds)
-        lines = [f"held-out perplexity on {self.text} ({self.blocks} blocks x {self.seq_len} tokens)", header]
-        for row in self.rows:
-            dropped = ",".join(map(str, row.dropped)) or "-"
-            per_kind = "".join(f" {row.by_kind[k]:>10.2f}" for k in kinds)
-            lines.append(
-                f"{row.name:<{width}} {row.layers:>6} {row.perplexity:>9.2f}{per_kind}  dropped {dropped}"
-            )
-        return lines + self.verdict_lines()
-
-    def verdict_lines(self) -> list[str]:
-        """Whether the merged model beats the best drop baseline on every kind: what users judge first."""
-        merged = next((row for row in self.rows if row.name.startswith(MERGED_PREFIX)), None)
-        drops = [row for row in self.rows if row.dropped]
-        if merged is None or not drops:
-            return []
-        ratios = ratios_to_best_drop(merged.by_kind, [drop.by_kind for drop in drops])
-        worst = max(ratios, key=ratios.__getitem__)
-        lost = [kind for kind, ratio in ratios.items() if ratio > 1.0]
-        verdict = (
-            f"worse than dropping on {', '.join(lost)}" if lost else "better than dropping on every kind"
-        )
-        return [f"merged / best drop baseline: worst {ratios[worst]:.3f} ({worst}); {verdict}"]
-
-
-def ratios_to_best_drop(
-    merged: Mapping[str, float], drops: Sequence[Mapping[str, float]]
-) -> dict[str, float]:
-    """Per kind, the merged model's perplexity over the best drop baseline's on that kind (below 1: a win)."""
-    return {kind: value / min(drop[kind] for drop in drops) for kind, value in merged.items()}
 
 
 def model_losses(

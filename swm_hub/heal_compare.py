@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING
 from torch import nn
 from transformers import PreTrainedModel
 
-from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.calibration import TextSource
 from swm_hub.evaluate import (
     DROP_RULES,
     HeldoutBatches,
-    PerplexityRow,
     batch_losses,
     heldout_batches,
     windows_for_dropped,
@@ -32,6 +30,8 @@ from swm_hub.merge import build_merged_model, calibration_of
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import MergePlan
 from swm_hub.pull import LoadedModel
+from swm_hub.results.evaluation import PerplexityRow
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 if TYPE_CHECKING:
     from swm_hub.heal import HealResult

@@ -16,7 +16,7 @@ from typing import Any
 
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import ResultFileError
-from swm_hub.plan import MergePlan
+from swm_hub.plan import PLAN_FILE, MergePlan
 
 HEAL_FILE: str = "heal.json"
 
@@ -138,9 +138,7 @@ def heal_info(folder: Path, plan: MergePlan) -> HealInfo | None:
     try:
         return _info(record, comparison)
     except (KeyError, TypeError, ValueError) as error:
-        raise ResultFileError(
-            Path(folder) / "swm_plan.json", f"its heal record is incomplete ({error})"
-        ) from error
+        raise ResultFileError(Path(folder) / PLAN_FILE, f"its heal record is incomplete ({error})") from error
 
 
 def _info(record: dict[str, Any], comparison: HealComparison | None) -> HealInfo:

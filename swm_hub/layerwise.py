@@ -35,12 +35,12 @@ from swm_hub.architectures import ArchitectureSpec, spec_for_config
 from swm_hub.atomic import check_free_space, pause_point
 from swm_hub.checkpoint import build_skeleton, refuse_non_finite, stored_tensor_names
 from swm_hub.errors import CorruptWeightsError
+from swm_hub.files import GENERATION_CONFIG_FILE
 from swm_hub.layer_trace import BatchTrace, LayerCall, apply_layer, decoder_layers, record_calls
 from swm_hub.shards import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 Item = TypeVar("Item")
 

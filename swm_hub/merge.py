@@ -18,13 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from swm_hub.analyze import (
-    SimilarityReport,
-    analyze_traces,
-    calibration_batches,
-    calibration_record,
-    traced_calibration,
-)
+from swm_hub.analyze import analyze_traces
 from swm_hub.architectures import ArchitectureSpec, spec_for, spec_for_config
 from swm_hub.checkpoint import (
     build_model,
@@ -38,7 +32,7 @@ from swm_hub.checkpoint import (
     verify_folder_loads,
 )
 from swm_hub.config_rewrite import kept_layers, rewrite_config
-from swm_hub.consolidate import MERGE_RULES, consolidate
+from swm_hub.consolidate import MERGE_RULES, consolidate, refit_kind
 from swm_hub.devices import offloaded_modules
 from swm_hub.errors import ImpossibleTargetError, InvalidMergeError, InvalidOptionError
 from swm_hub.layer_trace import BatchTrace, LogitHead, decoder_layers
@@ -46,12 +40,14 @@ from swm_hub.layerwise import StreamedLayers
 from swm_hub.options import METHODS, CalibrationOptions, MergeOptions, check_block_length
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel
-from swm_hub.search import SearchContext, SearchResult, WindowSearch, reference_outputs
+from swm_hub.results.similarity import SimilarityReport
+from swm_hub.search import SearchContext, SearchResult, WindowSearch, most_removable, reference_outputs
 from swm_hub.shards import TensorSpec, cast_floating
+from swm_hub.tracing import calibration_batches, calibration_record, traced_calibration
 
 if TYPE_CHECKING:
-    from swm_hub.evaluate import EvalReport
     from swm_hub.push import PushResult
+    from swm_hub.results.evaluation import EvalReport
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +68,14 @@ class MergeResult:
 
 
 def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:
-    """How many layers the target asks to remove, or None when a threshold decides.
-
-    Windows never include the first or the last layer, so at most ``num_layers - 3`` layers can go (all
-    inner layers merged into one) and at least three stay.
-    """
+    """How many layers the target asks to remove, or None when a threshold decides (checked before any work)."""
     if options.target_layers is not None:
         requested, removed = f"--target-layers {options.target_layers}", num_layers - options.target_layers
     elif options.ratio is not None:
         requested, removed = f"--ratio {options.ratio}", round(num_layers * options.ratio)
     else:
         return None
-    most = num_layers - 3
+    most = most_removable(num_layers)
     if not 1 <= removed <= most:
         raise ImpossibleTargetError(
             requested,
@@ -162,7 +154,11 @@ def plan_merge(
 
 
 def merged_state_dict(
-    loaded: LoadedModel, spec: ArchitectureSpec, plan: MergePlan, traces: Sequence[BatchTrace]
+    loaded: LoadedModel,
+    spec: ArchitectureSpec,
+    plan: MergePlan,
+    traces: Sequence[BatchTrace],
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The original state dict with each window's lowest layer replaced by its consolidation, renumbered."""
     model = loaded.model
@@ -170,14 +166,18 @@ def merged_state_dict(
     state = dict(model.state_dict())
     rule = MERGE_RULES[plan.merge]
     for low, high in plan.windows:
-        layer = consolidate(layers, spec, traces, low, high, rule, plan.ridge)
+        layer = consolidate(layers, spec, traces, low, high, rule, plan.ridge, progress)
         for name, tensor in layer.state_dict().items():
             state[f"{spec.layers_path}.{low}.{name}"] = tensor
     return state_dict_for(kept_layers(plan.num_layers, plan.windows), state, spec.layers_path)
 
 
 def build_merged_model(
-    loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], dtype: torch.dtype | None = None
+    loaded: LoadedModel,
+    plan: MergePlan,
+    traces: Sequence[BatchTrace],
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> PreTrainedModel:
     """The merged model in memory, built from its state dict and rewritten config as a fresh load would be.
 
@@ -186,7 +186,7 @@ def build_merged_model(
     model = loaded.model
     spec = spec_for_config(model.config)
     config = rewrite_config(model.config.to_dict(), kept_layers(plan.num_layers, plan.windows))
-    state = merged_state_dict(loaded, spec, plan, traces)
+    state = merged_state_dict(loaded, spec, plan, traces, progress)
     if dtype is not None:
         state = {name: cast_floating(tensor, dtype) for name, tensor in state.items()}
     merged = build_model(config, state)
@@ -212,7 +212,7 @@ def write_merged(
     """
     extra_files = {PLAN_FILE: plan.to_json()}
     if loaded.streamed is None:
-        params_after = _save_whole(loaded, plan, traces, folder, extra_files)
+        params_after = _save_whole(loaded, plan, traces, folder, extra_files, progress)
     else:
         params_after = _save_streamed(loaded, loaded.streamed, plan, traces, folder, extra_files, progress)
     if report is not None:
@@ -240,9 +240,14 @@ def _refuse_non_finite_state(state: Mapping[str, torch.Tensor], plan: MergePlan)
 
 
 def _save_whole(
-    loaded: LoadedModel, plan: MergePlan, traces: Sequence[BatchTrace], folder: Path, extra: dict[str, str]
+    loaded: LoadedModel,
+    plan: MergePlan,
+    traces: Sequence[BatchTrace],
+    folder: Path,
+    extra: dict[str, str],
+    progress: bool,
 ) -> int:
-    merged = build_merged_model(loaded, plan, traces, loaded.save_dtype)
+    merged = build_merged_model(loaded, plan, traces, loaded.save_dtype, progress)
     _refuse_non_finite_state(merged.state_dict(), plan)
     save_model_folder(merged, loaded.tokenizer, folder, extra_files=extra)
     verify_folder_loads(folder, plan.layers_after)
@@ -275,7 +280,7 @@ def _save_streamed(
     names = sorted(untied_state_keys(skeleton), key=lambda name: not name.startswith(prefix))
     specs = [TensorSpec(name, tuple(state[name].shape), state[name].dtype) for name in names]
     tensors = tqdm(
-        _merged_tensors(loaded, layers, plan, traces, specs),
+        _merged_tensors(loaded, layers, plan, traces, specs, progress),
         desc="writing",
         total=len(specs),
         unit="tensor",
@@ -293,6 +298,7 @@ def _merged_tensors(
     plan: MergePlan,
     traces: Sequence[BatchTrace],
     specs: Sequence[TensorSpec],
+    progress: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged model's tensors as ``specs`` name and type them, one layer in memory at a time."""
     spec = spec_for_config(loaded.model.config)
@@ -313,7 +319,7 @@ def _merged_tensors(
             low = kept[position]
             tensors = {}  # drop the previous layer before building the next
             layer = (
-                consolidate(layers, spec, traces, low, window_top[low], rule, plan.ridge)
+                consolidate(layers, spec, traces, low, window_top[low], rule, plan.ridge, progress)
                 if low in window_top
                 else layers[low]
             )
@@ -403,31 +409,38 @@ def _refuse_missed_target(plan: MergePlan, options: MergeOptions) -> None:
 def warn_past_measured_wins(plan: MergePlan) -> None:
     """A cut where the method measured a loss to dropping, or deeper than any it was measured at: say so."""
     preset = METHODS.get(plan.method)
-    if preset is None or plan.merge != preset.merge or preset.deepest_win is None:
+    if preset is None or plan.merge != preset.merge:
+        return
+    kind = refit_kind(spec_for(plan.model_type))
+    measured = preset.measured.get(kind)
+    advice = "check this model with --eval against the drop baselines, or remove fewer layers"
+    if measured is None:
+        logger.warning(
+            "warning: %s with a %s refit (the one %s gets) was not measured against plain layer dropping "
+            "(README, Quality); %s",
+            plan.method,
+            kind,
+            plan.model_type,
+            advice,
+        )
         return
     fraction = plan.removed / plan.num_layers
-    advice = "check this model with --eval against the drop baselines, or remove fewer layers"
-    if not spec_for(plan.model_type).mlp_out_path and MERGE_RULES[plan.merge].refit:
-        logger.warning(
-            "warning: %s has a norm after the MLP, so the fit rule cannot refit it and %s is plain dropping "
-            "of its windows here, not measured better than dropping (README, Quality); %s",
-            plan.model_type,
-            plan.method,
-            advice,
-        )
-    elif fraction > preset.deepest_win + 1e-9:
+    if fraction > measured.deepest_win + 1e-9:
         logger.warning(
             "warning: %d of %d layers removed is past the deepest cut (%.0f%% of the layers) at which %s "
-            "measured better than plain layer dropping on every kind of held-out text (README, Quality); %s",
+            "measured better than plain layer dropping on every kind of held-out text (%s; README, Quality); %s",
             plan.removed,
             plan.num_layers,
-            100 * preset.deepest_win,
+            100 * measured.deepest_win,
             plan.method,
+            measured.model,
             advice,
         )
-    for low, high, measured in preset.measured_losses:
+    for low, high, lost in measured.losses:
         if low < fraction < high:
-            logger.warning("warning: %s %s (README, Quality); %s", plan.method, measured, advice)
+            logger.warning(
+                "warning: %s %s (%s; README, Quality); %s", plan.method, lost, measured.model, advice
+            )
 
 
 def _refuse_offloaded(loaded: LoadedModel) -> None:

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 
 from swm_hub.calibration import KINDS, TextSource
 from swm_hub.consolidate import MERGE_RULES
+from swm_hub.devices import DTYPES, dtype_name
 from swm_hub.errors import InvalidOptionError
 
 HELP: dict[str, str] = {
@@ -37,19 +38,14 @@ HELP: dict[str, str] = {
     "ridge": "regularisation of the fit rule's least-squares refit, relative to the feature energy",
     "device": "where the model runs: cpu, cuda (all visible GPUs through accelerate's device map) or auto "
     "(cuda when a GPU is visible)",
-    "dtype": "precision the model is loaded and run in: float32, bfloat16 or float16; the output is saved in "
-    "it, or in the checkpoint's own precision where that is narrower (a float16 model run in float32 stays "
-    "float16)",
+    "dtype": "precision the model is loaded and run in: float32, bfloat16 or float16 (fp32, bf16, fp16 also "
+    "accepted); the output is saved in it, or in the checkpoint's own precision where that is narrower (a "
+    "float16 model run in float32 stays float16)",
     "execution": "whole (the model in memory), layerwise (one decoder layer at a time from the safetensors "
     "shards; for models larger than memory) or auto (layerwise when the weights would take more than half "
     "of the free memory)",
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 EXECUTION_MODES: tuple[str, ...] = ("auto", "whole", "layerwise")
 
@@ -99,6 +95,24 @@ class CalibrationOptions:
 
 
 @dataclass(frozen=True)
+class MeasuredCuts:
+    """Where a method was measured against plain layer dropping, with the default calibration, on one model.
+
+    Attributes:
+        model: the model measured (``benchmarks/quality.py --model``), named in the warnings.
+        deepest_win: the largest fraction of the layers removed at which the method measured better than the
+            best same-count drop baseline on every held-out kind, left-out kinds included (README
+            "Quality"); past it ``compress`` warns.
+        losses: ranges (low, high) of removed fractions, exclusive, around a measured count that lost to
+            dropping on some kind, with what was measured; ``compress`` warns inside them.
+    """
+
+    model: str
+    deepest_win: float
+    losses: tuple[tuple[float, float, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class MethodPreset:
     """A named choice of how windows are scored and consolidated."""
 
@@ -107,13 +121,9 @@ class MethodPreset:
     merge: str
     default_threshold: float
     summary: str
-    deepest_win: float | None = None
-    """The largest fraction of the layers removed at which this method, with the default calibration,
-    measured better than the best same-count drop baseline on every held-out kind, left-out kinds included
-    (``benchmarks/quality.py``, README "Quality"); past it ``compress`` warns. None: not measured."""
-    measured_losses: tuple[tuple[float, float, str], ...] = ()
-    """Ranges (low, high) of removed fractions, exclusive, around a measured count that lost to dropping on
-    some kind, with what was measured; ``compress`` warns inside them."""
+    measured: Mapping[str, MeasuredCuts] = field(default_factory=dict)
+    """What was measured, by the kind of refit the architecture gets (``consolidate.refit_kind``): one
+    model stands for the architectures fitted the same way. Where the kind is missing, nothing is claimed."""
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -122,20 +132,27 @@ METHODS: dict[str, MethodPreset] = {
         criterion="absolute",
         merge="fit",
         default_threshold=0.97,
-        deepest_win=0.3,
-        measured_losses=(
-            (
-                0.1,
-                0.3,
-                "measured worse than angular-distance dropping at 6 of 30 layers (SmolLM2) on narrative "
-                "text (1.14x its perplexity), and on speeches when they were left out of the calibration",
+        measured={
+            "least-squares": MeasuredCuts(
+                model="SmolLM2-135M",
+                deepest_win=0.3,
+                losses=(
+                    (
+                        0.1,
+                        0.3,
+                        "measured worse than angular-distance dropping at 6 of 30 layers on narrative text "
+                        "(1.14x its perplexity), and on speeches when they were left out of the calibration",
+                    ),
+                ),
             ),
-        ),
+            "gradient": MeasuredCuts(model="Gemma 3 270M", deepest_win=5 / 18),
+        },
         summary="windows of consecutive layers that each barely change their input (the cosine between what "
         "enters and what leaves every removed layer stays above the threshold; for a layer count, the layers "
         "that change it least, as ShortGPT's block influence ranks them); each window consolidated into the "
-        "layer below it with a least-squares refit of the MLP output projection, so the one layer reproduces "
-        "the window's output on calibration text",
+        "layer below it with a least-squares refit of the MLP output projection (where a norm follows the MLP, "
+        "as in Gemma 2/3: gradient steps on the MLP and norm weights), so the one layer reproduces the "
+        "window's output on calibration text",
     ),
     "swm-angular": MethodPreset(
         score="angular",
@@ -206,9 +223,9 @@ class ExecutionOptions:
     mode: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # frozen: the alias is replaced once, here
         for flag, value, allowed in (
             ("--device", self.device, DEVICES),
-            ("--dtype", self.dtype, tuple(DTYPES)),
             ("--execution", self.mode, EXECUTION_MODES),
         ):
             if value not in allowed:

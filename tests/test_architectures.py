@@ -83,12 +83,7 @@ def test_every_per_layer_list_is_declared(model_type: str) -> None:
 def test_declared_fields_exist_in_the_config_class(model_type: str) -> None:
     spec = spec_for(model_type)
     config = tiny_config(model_type)
-    declared = (
-        *spec.layer_indexed_fields,
-        *spec.layer_number_fields,
-        *spec.cutoff_fields,
-        *spec.pattern_fields,
-    )
+    declared = (*spec.layer_indexed_fields, *spec.cutoff_fields)
     for field in declared:
         assert hasattr(config, field), field
     for field in spec.layer_indexed_fields:

@@ -10,7 +10,6 @@ from conftest import build_tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from swm_hub.analyze import calibration_batches
 from swm_hub.calibration import (
     KINDS,
     TextSource,
@@ -22,6 +21,7 @@ from swm_hub.calibration import (
 )
 from swm_hub.errors import CalibrationDataError, InvalidOptionError
 from swm_hub.options import CalibrationOptions
+from swm_hub.tracing import calibration_batches
 
 TEXT = " ".join(f"word{i % 97} and more text number {i}." for i in range(400))
 

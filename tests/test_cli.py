@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 import shlex
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM, BertConfig
 from typer.testing import CliRunner
 
 from swm_hub import atomic, cli, errors, pipeline
+from swm_hub.options import ExecutionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -50,7 +52,7 @@ HINTED = {
 }
 # Their messages already name the next step: the Hub or path problem to fix, the allowed values or
 # the contradiction to drop, the types that export, the pip command to run, the login and the exact
-# retry command, the result file to regenerate.
+# retry command, the result file to regenerate (or the swm-hub upgrade that reads it).
 HINTLESS = {
     "UnknownModelError",
     "InvalidOptionError",
@@ -63,6 +65,7 @@ HINTLESS = {
     "PushError",
     "PushPermissionError",
     "ResultFileError",
+    "ResultFileVersionError",
     "UnsafeOutputError",
     "ForeignOutputError",
     "OutputBusyError",
@@ -195,6 +198,7 @@ def compressed(
     """The tiny llama (6 layers) compressed to 4 layers once, through the Typer app."""
     out = tmp_path_factory.mktemp("compress") / "out"
     args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--out", str(out), "--quiet"]
+    args += ["--dtype", "fp32"]  # the short spelling is an alias of float32
     result = CliRunner().invoke(cli.app, [*args, "--calib", str(calib_file), *SMALL_CALIB])
     assert result.exit_code == 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -483,6 +487,19 @@ def test_compress_prints_windows_and_writes_a_loadable_model(compressed: Compres
     assert torch.isfinite(logits).all()
 
 
+def test_compress_names_only_its_output_folder_never_the_temporary_one(
+    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--out", str(out)]
+    with caplog.at_level(logging.INFO, logger="swm_hub"):
+        result = CliRunner().invoke(cli.app, [*args, "--calib", str(calib_file), *SMALL_CALIB])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    said = [record.getMessage() for record in caplog.records if record.levelno >= logging.INFO]
+    assert not [line for line in [*said, result.output] if ".tmp-" in line], said
+
+
 def test_compress_with_saved_plan_reproduces(
     compressed: Compressed, tiny_llama_dir: Path, calib_file: Path, tmp_path: Path
 ) -> None:
@@ -531,6 +548,7 @@ def test_compress_layerwise_with_eval_writes_the_evaluation(
 
 def test_eval_layerwise_prints_the_table(compressed: Compressed, calib_file: Path, tmp_path: Path) -> None:
     args = ["eval", str(compressed.out), "--text", str(calib_file), "--seq-len", "16", "--blocks", "4"]
+    args += ["--dtype", "fp32"]  # an alias, as for every command with --dtype
     result = CliRunner().invoke(
         cli.app, [*args, "--execution", "layerwise", "--json", str(tmp_path / "e.json"), "--quiet"]
     )
@@ -538,6 +556,48 @@ def test_eval_layerwise_prints_the_table(compressed: Compressed, calib_file: Pat
     assert "held-out perplexity on" in result.output
     report = json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))
     assert [row["name"] for row in report["rows"]][2:] == ["drop-bi", "drop-angular"]
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"), [("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")]
+)
+def test_dtype_aliases_become_the_torch_names(alias: str, canonical: str) -> None:
+    """analyze, compress, eval and heal read --dtype through ExecutionOptions, which keeps the torch name."""
+    options = ExecutionOptions(dtype=alias)
+    assert options.dtype == canonical
+    assert options.torch_dtype == getattr(torch, canonical)
+
+
+def test_analyze_takes_a_dtype_alias(tiny_llama_dir: Path, calib_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    args = ["analyze", str(tiny_llama_dir), "--out", str(out), "--calib", str(calib_file), *SMALL_CALIB]
+    result = CliRunner().invoke(cli.app, [*args, "--dtype", "bf16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (out / "similarity.json").is_file()
+
+
+def test_export_takes_a_dtype_alias(
+    inputs: Inputs, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fp16 is read as float16, which the export refuses on the CPU before any work, by its canonical name."""
+    args = ["export", str(inputs.tiny), "--dtype", "fp16", "--out", str(inputs.tmp / "onnx"), "--quiet"]
+    outcome = run_main(monkeypatch, capsys, *args)
+    assert_one_line_error(outcome, "--dtype float16 needs --device cuda", hinted=False)
+    assert not (inputs.tmp / "onnx").exists()
+
+
+def test_bench_takes_a_dtype_alias(tiny_llama_dir: Path) -> None:
+    args = ["bench", str(tiny_llama_dir), "--runs", "1", "--new-tokens", "2", "--prompt-tokens", "4"]
+    result = CliRunner().invoke(cli.app, [*args, "--threads", "1", "--dtype", "bf16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "torch on cpu (bfloat16, eager)" in result.output
+
+
+@pytest.mark.parametrize("command", ["analyze", "export", "bench"])
+def test_dtype_help_lists_the_canonical_names(command: str) -> None:
+    result = CliRunner().invoke(cli.app, [command, "--help"])
+    text = " ".join(result.output.split())
+    assert "float32" in text and "float16" in text and "fp32" in text and "also accepted" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")

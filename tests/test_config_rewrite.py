@@ -176,21 +176,14 @@ def test_per_layer_list_of_the_wrong_length_is_refused() -> None:
         rewrite_config(config, KEPT)
 
 
-def test_layer_numbers_and_cutoffs_follow_their_representatives(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No supported architecture has a layer-number field yet; a registry entry alone must be enough."""
+def test_cutoffs_of_a_new_registry_entry_follow_their_representatives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A registry entry alone must be enough for a new architecture's cut-off field."""
     spec = ArchitectureSpec(
-        layers_path="model.layers",
-        final_norm_path="model.norm",
-        layer_number_fields=("mlp_only_layers",),
-        cutoff_fields=("first_dense",),
+        layers_path="model.layers", final_norm_path="model.norm", cutoff_fields=("first_dense",)
     )
     monkeypatch.setitem(ARCHITECTURES, "toy", spec)
-    config = {"model_type": "toy", "num_hidden_layers": 6, "mlp_only_layers": [1, 3, 5], "first_dense": 2}
-    rewritten = rewrite_config(config, KEPT)
-    assert rewritten == {
-        "model_type": "toy",
-        "num_hidden_layers": 4,
-        "mlp_only_layers": [1, 3],
-        "first_dense": 2,
-    }
-    assert rewrite_config({**config, "mlp_only_layers": None}, KEPT)["mlp_only_layers"] is None
+    config = {"model_type": "toy", "num_hidden_layers": 6, "first_dense": 3}
+    assert rewrite_config(config, KEPT) == {"model_type": "toy", "num_hidden_layers": 4, "first_dense": 3}
+    assert rewrite_config({**config, "first_dense": None}, KEPT)["first_dense"] is None

@@ -10,12 +10,14 @@ import torch
 from conftest import TINY_LAYERS, build_tiny_model
 from torch import nn
 
-from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.architectures import ArchitectureSpec, spec_for, spec_for_config
-from swm_hub.consolidate import MERGE_RULES, combine_window, consolidate, norm_parameter_names
+from swm_hub.consolidate import MERGE_RULES, combine_window, consolidate
+from swm_hub.gradient_fit import default_trained
+from swm_hub.layer_parameters import norm_parameter_names
 from swm_hub.layer_trace import BatchTrace, decoder_layers, hidden_of, run_layers
 from swm_hub.options import CalibrationOptions
 from swm_hub.pull import LoadedModel, pull
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 LOW, HIGH = 1, 3
 """The window the tests consolidate: three inner layers of a six-layer model."""
@@ -256,16 +258,18 @@ def test_fit_solves_the_documented_ridge_problem(traced: Callable[[str], Traced]
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
-def test_fit_without_an_output_projection_falls_back_to_drop(
+def test_fit_with_a_norm_after_the_mlp_trains_the_mlp_and_norms_by_gradient(
     traced: Callable[[str], Traced], model_type: str
 ) -> None:
+    """No linear fold point there: the fit trains the MLP and norm weights, and beats keeping the layer."""
     _loaded, spec, layers, traces = traced(model_type)
     assert spec.mlp_out_path is None
-    fitted = params(consolidate(layers, spec, traces, LOW, HIGH, MERGE_RULES["fit"], ridge=0.3))
-    lowest = params(layers[LOW])
-    assert fitted.keys() == lowest.keys()
-    for name, tensor in lowest.items():
-        assert torch.equal(fitted[name], tensor), name
+    fitted = consolidate(layers, spec, traces, LOW, HIGH, MERGE_RULES["fit"], ridge=0.3)
+    lowest, refit = params(layers[LOW]), params(fitted)
+    changed = {name for name in lowest if not torch.equal(lowest[name], refit[name])}
+    assert changed == set(default_trained(layers[LOW]))
+    fit_error = window_mse(fitted, traces, LOW, HIGH)
+    assert fit_error < 0.8 * window_mse(layers[LOW], traces, LOW, HIGH)
 
 
 def test_consolidate_of_the_last_inner_window(traced: Callable[[str], Traced]) -> None:

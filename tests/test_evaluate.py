@@ -12,8 +12,6 @@ from conftest import TINY_LAYERS, build_tiny_model
 
 from swm_hub.evaluate import (
     DROP_RULES,
-    EvalReport,
-    PerplexityRow,
     drop_by_angular_distance,
     drop_by_block_influence,
     model_losses,
@@ -24,6 +22,7 @@ from swm_hub.layer_trace import BatchTrace
 from swm_hub.merge import build_merged_model
 from swm_hub.plan import MergePlan
 from swm_hub.pull import pull
+from swm_hub.results.evaluation import EvalReport, PerplexityRow
 
 WIDTH = 8
 

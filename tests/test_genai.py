@@ -116,7 +116,7 @@ def test_fp32_export_generates_like_torch(llama_fp32: genai_module.GenaiExportRe
     check = llama_fp32.check
     assert llama_fp32.path == (llama_fp32.model_dir / "genai").absolute()
     assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= set(llama_fp32.files)
-    assert (llama_fp32.precision, llama_fp32.layers, llama_fp32.model_type) == ("fp32", 4, "llama")
+    assert (llama_fp32.precision, llama_fp32.layers, llama_fp32.model_type) == ("float32", 4, "llama")
     assert check.passed and check.atol == 1e-3
     assert len(check.genai_tokens) == len(check.step_diffs) == 8
     assert check.max_abs_diff < 1e-4
@@ -308,9 +308,12 @@ def test_missing_package_names_the_extra(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--format", "genai", "--precision", "int8"], "unknown genai precision 'int8'"),
+        (
+            ["--format", "genai", "--precision", "int8"],
+            "--precision must be one of int4, float32, got 'int8'",
+        ),
         (["--format", "genai", "--device", "cuda"], "use --device cpu"),
-        (["--format", "genai", "--dtype", "fp16"], "--format genai takes --precision int4 or fp32"),
+        (["--format", "genai", "--dtype", "fp16"], "--format genai takes --precision int4 or float32"),
         (["--precision", "fp32"], "--precision applies to --format genai"),
     ],
 )
@@ -343,13 +346,15 @@ def test_cli_export_prints_the_check(head16_dir: Callable[[str], Path], tmp_path
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[-2].startswith("✓ logits over 8 greedy steps: max abs diff ")
-    assert lines[-1].startswith(f"wrote {out.absolute()} (onnxruntime-genai, fp32, ")
+    assert lines[-1].startswith(f"wrote {out.absolute()} (onnxruntime-genai, float32, ")
 
 
 def test_export_help_lists_the_new_options() -> None:
     result = CliRunner().invoke(cli.app, ["export", "--help"])
     assert "--format" in result.output and "--precision" in result.output
-    assert "genai: int4 (default, 4-bit weights) or fp32" in result.output
+    assert "genai: int4 (default, 4-bit weights) or float32 (fp32 also accepted)" in " ".join(
+        result.output.split()
+    )
 
 
 # --- bench ---------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from conftest import TINY_CONFIGS
 from torch import nn
 
 from swm_hub.architectures import spec_for_config
-from swm_hub.consolidate import MERGE_RULES, combine_window, norm_parameter_names
+from swm_hub.consolidate import MERGE_RULES, combine_window
 from swm_hub.gradient_fit import GradientFitRecord, default_trained, gradient_refit
+from swm_hub.layer_parameters import norm_parameter_names
 from swm_hub.layer_trace import BatchTrace, decoder_layers, run_layers, trace_batch
 from swm_hub.pull import pull
 

@@ -45,8 +45,11 @@ from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import pull
 
 CPU = ExecutionOptions(device="cpu")
-# 8 steps of 4 blocks of 16 tokens; a high rate so that a few steps move a tiny random model visibly.
-SMALL = HealOptions(tokens=8 * 4 * 16, seq_len=16, batch_size=4, lr=1e-2, checkpoint_every=0, execution=CPU)
+# 8 steps of 4 blocks of 16 tokens; a high rate so that a few steps move a tiny random model visibly. Adapters
+# on the consolidated layers only, so that what healing changed can be told from what it left alone.
+SMALL = HealOptions(
+    tokens=8 * 4 * 16, seq_len=16, batch_size=4, lr=1e-2, modules="merged", checkpoint_every=0, execution=CPU
+)
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +409,7 @@ def test_heal_command_prints_the_summary(compressed: Path, tmp_path: Path) -> No
     args = ["heal", str(compressed), "--out", str(out), "--tokens", "128", "--seq-len", "16"]
     result = CliRunner().invoke(cli.app, [*args, "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
-    adapted = 7 * len(plan_of(compressed).windows)  # q, k, v, o, gate, up, down of each consolidated layer
+    adapted = 7 * plan_of(compressed).layers_after  # q, k, v, o, gate, up, down of every layer by default
     assert f"healed {adapted} modules" in result.stdout and f"wrote {out}" in result.stdout
 
 
@@ -450,7 +453,7 @@ def test_compress_heal_writes_a_healed_model(
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     plan = plan_of(out)
-    assert f"healed {7 * len(plan.windows)} modules" in result.stdout
+    assert f"healed {7 * plan.layers_after} modules" in result.stdout
     assert plan.heal is not None and plan.heal["steps"] == 2
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
     assert "## Healing" in (out / "README.md").read_text(encoding="utf-8")
@@ -460,6 +463,39 @@ def test_compress_heal_writes_a_healed_model(
 def test_compress_heal_refuses_layerwise_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match="drop --execution layerwise"):
         HealRequest(SMALL).check(tmp_path / "out", ExecutionOptions(mode="layerwise"))
+
+
+def test_compress_heal_under_accelerate_launch_says_to_heal_apart_in_one_line(
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """accelerate launch runs compress in every process, which would merge and write the folder twice."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch sets in each of 2 processes
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--out", str(out), "--heal"]
+    monkeypatch.setattr(sys, "argv", ["swm-hub", *args, "--device", "cpu", "--quiet"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [first]
+    assert first.startswith("error: compress --heal runs in one process") and "Traceback" not in err
+    assert f"then heal its output with `accelerate launch -m swm_hub heal {out}`" in first
+    assert not out.exists() and not checkpoint_folder(out).exists()
+
+
+def test_an_error_under_accelerate_launch_is_said_by_the_main_process_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(sys, "argv", ["swm-hub", "heal", str(tmp_path / "missing"), "--quiet"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == ""
 
 
 def test_plans_without_a_heal_record_still_load(compressed: Path, tmp_path: Path) -> None:

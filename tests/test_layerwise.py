@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from swm_hub import devices, layerwise
-from swm_hub.analyze import analyze_model, calibration_batches, trace_calibration
+from swm_hub.analyze import analyze_model
 from swm_hub.calibration import TextSource
 from swm_hub.devices import choose_execution, resolve_device
 from swm_hub.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
@@ -24,6 +24,7 @@ from swm_hub.layerwise import activation_cache, trace_layerwise
 from swm_hub.merge import merge
 from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
 from swm_hub.pull import LoadedModel, pull
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 TARGET = 3
 LAYERWISE = ExecutionOptions(mode="layerwise")

@@ -25,7 +25,7 @@ from swm_hub.errors import (
     PlanMismatchError,
 )
 from swm_hub.merge import MergeResult, layers_to_remove, merge
-from swm_hub.options import METHODS, CalibrationOptions, MergeOptions
+from swm_hub.options import METHODS, CalibrationOptions, MeasuredCuts, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import LoadedModel, pull
 
@@ -70,7 +70,7 @@ def forbid_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("calibration ran")
 
-    monkeypatch.setattr(importlib.import_module("swm_hub.analyze"), "trace_calibration", refuse)
+    monkeypatch.setattr(importlib.import_module("swm_hub.tracing"), "trace_calibration", refuse)
     monkeypatch.setattr(merge_module, "calibration_batches", refuse)
 
 
@@ -364,7 +364,8 @@ def test_a_cut_past_the_deepest_measured_win_is_warned_about(
     deepest: float | None,
     warned: bool,
 ) -> None:
-    monkeypatch.setitem(METHODS, "swm-fit", dataclasses.replace(METHODS["swm-fit"], deepest_win=deepest))
+    measured = {} if deepest is None else {"least-squares": MeasuredCuts("SmolLM2-135M", deepest)}
+    monkeypatch.setitem(METHODS, "swm-fit", dataclasses.replace(METHODS["swm-fit"], measured=measured))
     options = MergeOptions(target_layers=TINY_LAYERS - 2, calibration=calibration)  # 2 of 6 removed: 33%
     with caplog.at_level("WARNING", logger="swm_hub.merge"):
         merge(llama, tmp_path / "out", options)
@@ -372,6 +373,7 @@ def test_a_cut_past_the_deepest_measured_win_is_warned_about(
     assert bool(past) == warned
     if warned:
         assert "2 of 6 layers removed" in past[0] and "20% of the layers" in past[0] and "--eval" in past[0]
+        assert "SmolLM2-135M" in past[0]
 
 
 def test_a_cut_where_a_loss_was_measured_is_warned_about(
@@ -382,7 +384,8 @@ def test_a_cut_where_a_loss_was_measured_is_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     lost = ((0.3, 0.4, "lost on poetry"),)
-    preset = dataclasses.replace(METHODS["swm-fit"], deepest_win=0.5, measured_losses=lost)
+    measured = {"least-squares": MeasuredCuts("SmolLM2-135M", 0.5, lost)}
+    preset = dataclasses.replace(METHODS["swm-fit"], measured=measured)
     monkeypatch.setitem(METHODS, "swm-fit", preset)
     options = MergeOptions(target_layers=TINY_LAYERS - 2, calibration=calibration)  # 33%: inside the range
     with caplog.at_level("WARNING", logger="swm_hub.merge"):
@@ -390,13 +393,26 @@ def test_a_cut_where_a_loss_was_measured_is_warned_about(
     assert [r.getMessage() for r in caplog.records if "lost on poetry" in r.getMessage()]
 
 
-def test_gemma_is_warned_about_as_plain_dropping(
+@pytest.mark.parametrize(
+    ("measured", "warning"), [(False, "was not measured"), (True, "past the deepest cut")]
+)
+def test_gemma_is_warned_about_by_what_its_gradient_refit_measured(
     tiny_model_dir: Callable[[str], Path],
     calibration: CalibrationOptions,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    measured: bool,
+    warning: str,
 ) -> None:
+    """Gemma gets the gradient refit: SmolLM2's least-squares measurements say nothing about it."""
+    cuts = {"least-squares": MeasuredCuts("SmolLM2-135M", 0.9)}
+    if measured:
+        cuts["gradient"] = MeasuredCuts("Gemma 3 270M", 0.1)
+    monkeypatch.setitem(METHODS, "swm-fit", dataclasses.replace(METHODS["swm-fit"], measured=cuts))
     gemma = pull(str(tiny_model_dir("gemma3_text")))
     with caplog.at_level("WARNING", logger="swm_hub.merge"):
         merge(gemma, tmp_path / "out", MergeOptions(target_layers=TINY_LAYERS - 1, calibration=calibration))
-    assert [r.getMessage() for r in caplog.records if "plain dropping" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning:")]
+    assert len(messages) == 1 and warning in messages[0], messages
+    assert ("Gemma 3 270M" in messages[0]) == measured and "SmolLM2" not in messages[0]

@@ -7,8 +7,11 @@ results are absent must be absent too, and a value the template needs but lacks 
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import logging
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +26,9 @@ from hub_server import HUB_RELATIONS, metadata_errors
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from swm_hub.analyze import JSON_NAME, PNG_NAME
-from swm_hub.errors import ResultFileError, UnknownModelError
-from swm_hub.evaluate import EvalReport, PerplexityRow
+from swm_hub import packaged_models
+from swm_hub.errors import ResultFileError, ResultFileVersionError, UnknownModelError
+from swm_hub.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, SIMILARITY_PNG
 from swm_hub.merge import merge
 from swm_hub.model_cards import (
     BASE_MODEL_RELATION,
@@ -41,6 +44,8 @@ from swm_hub.model_cards import (
 from swm_hub.options import CalibrationOptions, MergeOptions
 from swm_hub.plan import PLAN_FILE, MergePlan
 from swm_hub.pull import pull
+from swm_hub.results.evaluation import EvalReport, PerplexityRow
+from swm_hub.results.similarity import SimilarityReport
 
 LAYERS = 6
 WINDOWS = [(1, 2), (3, 4)]  # 6 -> 4 layers
@@ -107,7 +112,7 @@ def stat(median: float) -> dict[str, float]:
 
 
 def bench_report() -> dict[str, Any]:
-    """bench.json as ``BenchReport.to_dict`` writes it (a fixed copy: the card reads files, not classes)."""
+    """bench.json as an earlier ``BenchReport.to_dict`` wrote it (a fixed copy: the card reads files, not classes)."""
 
     def bench(name: str, layers: int, prefill: float, rate: float) -> dict[str, Any]:
         return {
@@ -150,14 +155,18 @@ def result_folder(tmp_path: Path) -> Path:
     (folder / PLAN_FILE).write_text(make_plan(str(base)).to_json(), encoding="utf-8")
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
     write_weights(folder, 4)
-    similarity = {
-        "model": "base-model",
-        "metric": "linear_cka",
-        "num_layers": LAYERS,
-        "calibration": {"text": "swm_hub:corpus/calibration", "samples": 32, "seq_len": 128, "tokens": 4096},
-    }
-    (folder / JSON_NAME).write_text(json.dumps(similarity), encoding="utf-8")
-    (folder / PNG_NAME).write_bytes(b"\x89PNG\r\n\x1a\n")
+    similarity = SimilarityReport(
+        model="base-model",
+        metric="linear_cka",
+        num_layers=LAYERS,
+        matrix=[[1.0] * LAYERS for _ in range(LAYERS)],
+        io_redundancy=[0.1] * LAYERS,
+        angular_to_next=[0.2] * LAYERS,
+        calibration={"text": "swm_hub:corpus/calibration", "samples": 32, "seq_len": 128, "tokens": 4096},
+    )
+    # The previous release's similarity.json and bench.json (no schema_version); eval.json of this one.
+    (folder / SIMILARITY_JSON).write_text(json.dumps(similarity.to_dict()), encoding="utf-8")
+    (folder / SIMILARITY_PNG).write_bytes(b"\x89PNG\r\n\x1a\n")
     (folder / "eval.json").write_text(eval_report().to_json(), encoding="utf-8")
     (folder / "bench.json").write_text(json.dumps(bench_report()), encoding="utf-8")
     return folder
@@ -192,7 +201,7 @@ def test_card_shows_the_numbers_of_the_files(result_folder: Path, tmp_path: Path
     assert "0.801" not in windows  # a failed trial is not the window's score
 
     similarity = section(card, "Layer similarity")
-    assert f"![Similarity between the outputs of the original model's layers]({PNG_NAME})" in similarity
+    assert f"![Similarity between the outputs of the original model's layers]({SIMILARITY_PNG})" in similarity
     assert "`linear_cka`" in similarity
 
     perplexity = section(card, "Perplexity")
@@ -317,6 +326,44 @@ def test_licence_is_read_from_a_gguf_base(tmp_path: Path) -> None:
     assert default_repo_name(MergePlan.from_file(folder / PLAN_FILE)) == "base-swm-4L"
 
 
+def _write_gguf(path: Path, license_id: str) -> None:
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_license(license_id)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("assembled", [True, False])
+def test_gemma3_demo_licence_is_read_from_its_assembled_file_and_nothing_is_assembled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assembled: bool
+) -> None:
+    def assemble(path: Path) -> Path:
+        raise AssertionError("the card must not assemble the model")
+
+    package = types.ModuleType("swm_hub_tests_fake_gemma3_card")
+    package.__spec__ = importlib.machinery.ModuleSpec(package.__name__, None, is_package=True)
+    package.__spec__.submodule_search_locations = [str(tmp_path)]
+    package.MODEL_NAME, package.EXPECTED_SHA256, package.assemble = "g.gguf", "cd" * 32, assemble  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    monkeypatch.setattr(packaged_models, "GEMMA3_PACKAGE", package.__name__)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if assembled:
+        file = packaged_models.gemma3_cache_file(package)
+        file.parent.mkdir(parents=True)
+        _write_gguf(file, "gemma")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    plan = make_plan(packaged_models.GEMMA3_NAME, packaged_models.GEMMA3_REPO_ID)
+    (folder / PLAN_FILE).write_text(plan.to_json())
+
+    card = render_card(folder)
+
+    assert ModelCard(card).data.license == ("gemma" if assembled else "other")
+    assert ("as stated in the metadata of its GGUF file" in card) == assembled
+
+
 def test_onnx_folder_gives_the_onnx_runtime_snippet(result_folder: Path) -> None:
     (result_folder / "onnx").mkdir()
     (result_folder / "onnx" / "model.onnx").write_bytes(b"onnx")
@@ -388,6 +435,38 @@ def test_bench_rows_with_metrics_are_read(result_folder: Path) -> None:
     latency = section(render_card(result_folder), "Latency")
     assert "| prefill (ms) | 12.5 | 9.25 |" in latency
     assert "| tokens/s | 40.0 | – |" in latency
+
+
+def test_bench_reports_of_the_latency_benchmark_are_read(result_folder: Path) -> None:
+    single = section(render_card(result_folder), "Latency")
+    printout = {"reports": [{"title": "SmolLM2-135M, torch CPU", **bench_report()}]}
+    (result_folder / BENCH_FILE).write_text(json.dumps(printout), encoding="utf-8")
+    assert section(render_card(result_folder), "Latency") == single
+
+
+def test_files_with_and_without_a_schema_version_give_the_same_card(result_folder: Path) -> None:
+    card = render_card(result_folder)
+    for name in (SIMILARITY_JSON, EVAL_FILE, BENCH_FILE):
+        path = result_folder / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.pop("schema_version", None) is None:
+            data["schema_version"] = 1
+        path.write_text(json.dumps(data), encoding="utf-8")
+    assert render_card(result_folder) == card
+
+
+@pytest.mark.parametrize("name", [SIMILARITY_JSON, EVAL_FILE, BENCH_FILE])
+def test_a_result_file_of_a_newer_release_fails_the_card(result_folder: Path, name: str) -> None:
+    path = result_folder / name
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "schema_version": 99}))
+    with pytest.raises(ResultFileVersionError, match="upgrade swm-hub"):
+        render_card(result_folder)
+
+
+def test_an_unreadable_similarity_report_is_an_error(result_folder: Path) -> None:
+    (result_folder / SIMILARITY_JSON).write_text('{"metric": "linear_cka"}', encoding="utf-8")
+    with pytest.raises(ResultFileError, match=r"similarity\.json"):
+        render_card(result_folder)
 
 
 # --- writing -----------------------------------------------------------------------------------------------

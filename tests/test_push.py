@@ -123,14 +123,14 @@ def test_push_then_download_and_load(
     repo_id = f"{USER}/{default_repo_name(plan)}"
     assert result.repo_id == repo_id
     assert repo_id.endswith(f"-swm-{plan.layers_after}L")
-    assert not result.dry_run and result.commit_oid and result.commit_url
+    assert not result.dry_run and result.commit_url
     assert fingerprint(compressed) == before  # nothing written, not even a README.md
     assert not (compressed / CARD_FILE).exists()
 
     # one commit on top of the repository's initial one, holding every file; weights went through LFS
     repo = hub.state.repos[repo_id]
     head = repo.commits[repo.refs["main"]]
-    assert head.oid == result.commit_oid
+    assert result.commit_url == f"{hub.url}/{repo_id}/commit/{head.oid}"
     assert repo.commits[head.parent].parent is None  # type: ignore[index]
     local = {file.path_in_repo for file in upload_files(compressed)}
     assert {"config.json", PLAN_FILE, "similarity.json", "similarity.png"} <= local
@@ -183,8 +183,8 @@ def test_push_to_a_branch_and_as_a_pull_request(hub: HubServer, compressed: Path
 
     repo = hub.state.repos[repo_id]
     assert repo.private
-    assert repo.refs["dev"] == on_branch.commit_oid
-    assert repo.refs["refs/pr/1"] == proposed.commit_oid
+    assert on_branch.commit_url == f"{hub.url}/{repo_id}/commit/{repo.refs['dev']}"
+    assert proposed.commit_url == f"{hub.url}/{repo_id}/commit/{repo.refs['refs/pr/1']}"
     assert not repo.commits[repo.refs["main"]].files  # neither push touched the default branch
     assert proposed.pr_url is not None and proposed.pr_url.endswith("/discussions/1")
     assert any("pull request" in line for line in proposed.lines())

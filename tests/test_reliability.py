@@ -55,6 +55,13 @@ def edit_config(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
+def quick_calibration(folder: Path) -> list[str]:
+    """The options of a few short calibration blocks, read from a text written into ``folder``."""
+    calib = folder / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    return ["--calib", str(calib), "--samples", "4", "--seq-len", "16"]
+
+
 @pytest.fixture
 def error_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
     """Run ``cli.main`` as the console script would; return its one ``error:`` line (exit 1, no traceback)."""
@@ -375,21 +382,8 @@ def test_an_os_write_error_is_one_error_line(
         raise OSError(code, os.strerror(code), "model.safetensors")
 
     monkeypatch.setattr("swm_hub.merge.save_model_folder", failing_save)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
     out = tmp_path / "o"
-    args = [
-        "--out",
-        str(out),
-        "--target-layers",
-        "4",
-        "--calib",
-        str(calib),
-        "--samples",
-        "4",
-        "--seq-len",
-        "16",
-    ]
+    args = ["--out", str(out), "--target-layers", "4", *quick_calibration(tmp_path)]
     line = error_line("compress", str(tiny_llama_dir), *args)
     assert f"cannot write the output {out}: {os.strerror(code)}" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
@@ -513,22 +507,9 @@ def test_an_os_write_error_in_analyze_is_one_error_line(
     def failing_save(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "similarity.json")
 
-    from swm_hub.pipeline import SimilarityReport
+    from swm_hub.results.similarity import SimilarityReport
 
     monkeypatch.setattr(SimilarityReport, "save", failing_save)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
     out = tmp_path / "analysis"
-    line = error_line(
-        "analyze",
-        str(tiny_llama_dir),
-        "--out",
-        str(out),
-        "--calib",
-        str(calib),
-        "--samples",
-        "4",
-        "--seq-len",
-        "16",
-    )
+    line = error_line("analyze", str(tiny_llama_dir), "--out", str(out), *quick_calibration(tmp_path))
     assert f"cannot write the output {out}: {os.strerror(errno.ENOSPC)}" in line

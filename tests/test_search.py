@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import TINY_LAYERS
 
-from swm_hub.analyze import calibration_batches, trace_calibration
 from swm_hub.checkpoint import build_model
 from swm_hub.config_rewrite import kept_layers, rewrite_config
 from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
@@ -19,12 +18,14 @@ from swm_hub.plan import MergePlan
 from swm_hub.pull import LoadedModel, pull
 from swm_hub.search import (
     SCORES,
+    Above,
     SearchContext,
     SearchResult,
     WindowSearch,
     score_positions,
 )
 from swm_hub.similarity import mean_cosine
+from swm_hub.tracing import calibration_batches, trace_calibration
 
 SCORE_NAMES = ["influence", "angular", "cosine"]
 NOTHING = 0.999999
@@ -219,11 +220,19 @@ def test_cosine_score_matches_the_actually_merged_model(
 
 def test_cosine_sweeps_are_memoised(context: SearchContext) -> None:
     search = WindowSearch(context, "cosine", "absolute")
+    scored: list[tuple[int, int]] = []
+    score = search.score
+
+    def counted(window_search: WindowSearch, low: int, high: int, above: Above) -> float:
+        scored.append((low, high))
+        return score(window_search, low, high, above)
+
+    search.score = counted
     first = search.sweep(0.95)
-    evaluations = search.evaluations
+    evaluations = len(scored)
     assert evaluations >= 2
     second = search.sweep(0.95)
-    assert search.evaluations == evaluations
+    assert len(scored) == evaluations
     assert second.windows == first.windows
     assert second.trials == first.trials
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from swm_hub.errors import InvalidOptionError, MissingDependencyError
-from swm_hub.zeroshot import PAPER_TASKS, TaskDataUnavailableError, ZeroShotReport, zero_shot
+from swm_hub.zeroshot import PAPER_TASKS, TaskDataUnavailableError, zero_shot
 
 TINY_TASK = Path(__file__).parent / "data" / "zeroshot_tiny"
 TINY_NAME = "swm_tiny_qa"
@@ -49,7 +51,7 @@ def test_local_task_runs_and_reports(tiny_model_dir: Callable[[str], Path], tmp_
     assert score.acc_stderr is not None
     assert score.acc_stderr >= 0.0
 
-    assert ZeroShotReport.from_json(report.to_json()) == report
+    assert json.loads(report.to_json())["scores"] == [asdict(score)]
     lines = report.table_lines()
     assert str(model_dir) in lines[0]
     assert any(line.startswith(TINY_NAME) for line in lines[2:])

@@ -2,7 +2,7 @@
 
 ``export`` dispatches on format names so that ``compress --export onnx`` and ``swm-hub export`` share one
 entry point; each format lives in its own module: ``onnx`` (plain ONNX with KV cache) and ``genai``
-(onnxruntime-genai's model builder, int4 or fp32 on CPU).
+(onnxruntime-genai's model builder, int4 or float32 on CPU).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from swm_hub.devices import dtype_name
 from swm_hub.errors import InvalidOptionError
 from swm_hub.exporters.genai import (
     DEFAULT_PRECISION,
@@ -18,7 +19,13 @@ from swm_hub.exporters.genai import (
     check_genai_options,
     export_genai,
 )
-from swm_hub.exporters.onnx import ExportResult, check_onnx_support, export_onnx, onnx_exportable_model_types
+from swm_hub.exporters.onnx import (
+    ONNX_DTYPES,
+    ExportResult,
+    check_onnx_support,
+    export_onnx,
+    onnx_exportable_model_types,
+)
 from swm_hub.exporters.validate import OutputCheck, validate_export
 
 __all__ = [
@@ -41,15 +48,16 @@ def export(
     model_dir: Path,
     formats: Sequence[str] = ("onnx",),
     out: Path | None = None,
-    dtype: str = "fp32",
+    dtype: str = "float32",
     device: str = "cpu",
     overwrite: bool = False,
     precision: str | None = None,
 ) -> dict[str, ExportResult | GenaiExportResult]:
     """Export ``model_dir`` to each format; ``out`` (default ``model_dir/<format>``) needs a single format.
 
-    ``dtype`` is the ONNX export's (fp32, or fp16 on cuda); ``precision`` is the genai export's (int4, the
-    default, or fp32). Each is refused with the other format, before any export runs.
+    ``dtype`` is the ONNX export's (float32, or float16 on cuda); ``precision`` is the genai export's (int4,
+    the default, or float32). Each is refused with the other format, before any export runs; both take the
+    short spellings (fp32, fp16) too.
     """
     unknown = [name for name in formats if name not in EXPORT_FORMATS]
     if unknown:
@@ -77,7 +85,7 @@ def _check_genai_combination(formats: Sequence[str], dtype: str, device: str, pr
         if precision is not None:
             raise InvalidOptionError("--precision applies to --format genai; the ONNX export takes --dtype")
         return
-    if dtype != "fp32":
+    if dtype_name(dtype, allowed=ONNX_DTYPES) != "float32":
         raise InvalidOptionError(
             f"--dtype {dtype} applies to --format onnx; --format genai takes --precision "
             f"{' or '.join(GENAI_PRECISIONS)}"

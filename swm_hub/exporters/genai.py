@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from swm_hub.architectures import ARCHITECTURES, ArchitectureSpec
 from swm_hub.checkpoint import output_folder
+from swm_hub.devices import dtype_name
 from swm_hub.errors import (
     CorruptWeightsError,
     ExportMismatchError,
@@ -45,7 +46,8 @@ from swm_hub.errors import (
     MissingDependencyError,
     UnknownModelError,
 )
-from swm_hub.exporters.validate import VALIDATION_PROMPT
+from swm_hub.exporters.validate import VALIDATION_PROMPT, json_record
+from swm_hub.files import CONFIG_FILE
 from swm_hub.pull import pull, resolve_source
 
 __all__ = [
@@ -68,7 +70,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENAI_PRECISIONS: tuple[str, ...] = ("int4", "fp32")
+GENAI_PRECISIONS: tuple[str, ...] = ("int4", "float32")
+# The model builder's own names for them.
+_BUILDER_PRECISIONS: Mapping[str, str] = {"int4": "int4", "float32": "fp32"}
 DEFAULT_PRECISION: str = "int4"
 GENAI_SUBFOLDER: str = "genai"
 GENAI_CONFIG_FILE: str = "genai_config.json"
@@ -99,11 +103,11 @@ _LONG_CONTEXT_MEANS_LONGROPE: frozenset[str] = frozenset({"phi3"})
 _PRECISION_DTYPES: Mapping[str, torch.dtype] = {
     "int4": torch.int4,  # type: ignore[attr-defined]  # in torch since 2.5, not in its stubs
     "int8": torch.int8,
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
 }
-_ONNX_FLOAT_NAMES: Mapping[int, str] = {1: "fp32", 10: "fp16", 16: "bf16"}
+_ONNX_FLOAT_NAMES: Mapping[int, str] = {1: "float32", 10: "float16", 16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class GenerationCheck:
     """Greedy generation in onnxruntime-genai beside torch, on the same prompt and the same tokens.
 
     Attributes:
-        precision: ``int4`` or ``fp32``.
+        precision: ``int4`` or ``float32``.
         prompt_tokens: the prompt's length in tokens.
         genai_tokens: the tokens onnxruntime-genai generated greedily, in order.
         torch_tokens: torch's greedy choice at each step, given the tokens onnxruntime-genai chose before it.
@@ -163,17 +167,7 @@ class GenerationCheck:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record."""
-        return {
-            "precision": self.precision,
-            "prompt_tokens": self.prompt_tokens,
-            "genai_tokens": list(self.genai_tokens),
-            "torch_tokens": list(self.torch_tokens),
-            "step_diffs": list(self.step_diffs),
-            "max_abs_diff": self.max_abs_diff,
-            "agreement": self.agreement,
-            "atol": self.atol,
-            "passed": self.passed,
-        }
+        return json_record(self, max_abs_diff=self.max_abs_diff, agreement=self.agreement, passed=self.passed)
 
 
 @dataclass(frozen=True)
@@ -186,7 +180,7 @@ class GenaiExportResult:
             what ``onnxruntime_genai.Model`` and ``swm-hub bench --backend genai`` read.
         model_type: the config's ``model_type``.
         layers: the number of decoder layers.
-        precision: ``int4`` or ``fp32``.
+        precision: ``int4`` or ``float32``.
         files: file names in ``path``, sorted.
         size_mb: the folder's total size in MB.
         check: the validation by generation.
@@ -213,17 +207,7 @@ class GenaiExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record (paths as strings)."""
-        return {
-            "model_dir": str(self.model_dir),
-            "path": str(self.path),
-            "model_type": self.model_type,
-            "layers": self.layers,
-            "precision": self.precision,
-            "files": list(self.files),
-            "size_mb": self.size_mb,
-            "check": self.check.to_dict(),
-            "seconds": self.seconds,
-        }
+        return json_record(self)
 
 
 def export_genai(
@@ -241,7 +225,7 @@ def export_genai(
         model_dir: a local model folder (config.json, safetensors, tokenizer).
         out: the folder to create (default ``model_dir/genai``); refused when it holds files, unless
             ``overwrite``.
-        precision: ``int4`` (4-bit weights, what is deployed on CPUs) or ``fp32``.
+        precision: ``int4`` (4-bit weights, what is deployed on CPUs) or ``float32`` (``fp32`` also accepted).
         device: ``cpu``, the only target built here.
         overwrite: replace a non-empty ``out`` (only once the new export has passed validation).
         atol: fp32 tolerance on the logits; default: the registry's ``onnx_atol``.
@@ -257,7 +241,7 @@ def export_genai(
         OutputExistsError: ``out`` holds files and ``overwrite`` is False.
     """
     started = time.perf_counter()
-    check_genai_options(precision, device)
+    precision = check_genai_options(precision, device)
     require_genai()
     folder = _model_folder(model_dir)
     config = _load_config(folder)
@@ -281,16 +265,17 @@ def export_genai(
     return result
 
 
-def check_genai_options(precision: str, device: str) -> None:
-    """Refuse a precision or device the genai export does not offer, before any work."""
-    if precision not in GENAI_PRECISIONS:
-        raise InvalidOptionError(
-            f"unknown genai precision {precision!r}; choose one of {', '.join(GENAI_PRECISIONS)}"
-        )
+def check_genai_options(precision: str, device: str) -> str:
+    """The precision's canonical name (``fp32`` is ``float32``); what the genai export cannot do is refused.
+
+    Called before any work, so that a wrong precision or device costs nothing.
+    """
+    precision = dtype_name(precision, flag="--precision", allowed=GENAI_PRECISIONS)
     if device != _EXECUTION_PROVIDER:
         raise InvalidOptionError(
             f"the genai export is built for onnxruntime-genai's CPU provider, not {device!r}: use --device cpu"
         )
+    return precision
 
 
 def require_genai() -> Any:
@@ -404,7 +389,7 @@ def _load_config(folder: Path) -> PretrainedConfig:
     try:
         config: PretrainedConfig = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CorruptWeightsError(folder / "config.json", f"transformers rejects it ({exc})") from exc
+        raise CorruptWeightsError(folder / CONFIG_FILE, f"transformers rejects it ({exc})") from exc
     return config
 
 
@@ -414,7 +399,14 @@ def _build(folder: Path, output: Path, precision: str, model_type: str) -> None:
     with tempfile.TemporaryDirectory(
         prefix=f".{output.name}.cache-", dir=output.parent, ignore_cleanup_errors=True
     ) as cache:
-        arguments = (None, str(folder), str(output), precision, _EXECUTION_PROVIDER, cache)
+        arguments = (
+            None,
+            str(folder),
+            str(output),
+            _BUILDER_PRECISIONS[precision],
+            _EXECUTION_PROVIDER,
+            cache,
+        )
         with _builder_output_to_debug_log():
             try:
                 options = builder.parse_extra_options(*arguments, list(_BUILDER_OPTIONS))
@@ -622,6 +614,7 @@ def validate_genai(
         ExportMismatchError: fp32 logits further from torch's than ``atol`` at some step.
         GenaiExportUnsupportedError: onnxruntime-genai cannot run the export, or stops short.
     """
+    precision = dtype_name(precision, flag="--precision", allowed=GENAI_PRECISIONS)
     tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [int(token) for token in tokenizer(prompt)["input_ids"]]
     model_type = str(_load_config(Path(model_dir)).model_type)

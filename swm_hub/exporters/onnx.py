@@ -45,16 +45,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from swm_hub.architectures import ARCHITECTURES, ArchitectureSpec, supported_model_types
 from swm_hub.checkpoint import output_folder
+from swm_hub.devices import DTYPES, dtype_name
 from swm_hub.errors import ExportUnsupportedError, InvalidOptionError
 from swm_hub.exporters.ort_generate import INPUT_NAMES, LOGITS, MODEL_FILE_NAMES, ort_provider
 from swm_hub.exporters.validate import (
     OutputCheck,
     check_device,
+    json_record,
     require_onnx_runtime,
-    torch_dtype_for,
     validate_export,
 )
-from swm_hub.pull import CONFIG_FILE, read_config_json, resolve_source
+from swm_hub.files import CONFIG_FILE, GENERATION_CONFIG_FILE, ONNX_FOLDER
+from swm_hub.pull import read_config_json, resolve_source
 
 __all__ = [
     "EXTERNAL_DATA_SUFFIX",
@@ -71,11 +73,9 @@ logger = logging.getLogger(__name__)
 
 ONNX_DTYPES: tuple[str, ...] = tuple(MODEL_FILE_NAMES)
 OPSET: int = 17
-DEFAULT_SUBFOLDER: str = "onnx"
 # All external tensors of ``model.onnx`` go into this one file beside it (``model.onnx_data``).
 EXTERNAL_DATA_SUFFIX: str = "_data"
 FORCE_EXTERNAL_DATA_ENV: str = "FORCE_ONNX_EXTERNAL_DATA"
-GENERATION_CONFIG_FILE: str = "generation_config.json"
 # Tensors under this size stay inside the graph when the weights go to external data.
 _EXTERNAL_MIN_BYTES = 1024
 # A protobuf cannot exceed 2 GiB; weights over this leave room for the graph's own structure.
@@ -101,7 +101,7 @@ class ExportResult:
             live outside it, the config and the tokenizer: what ``bench`` reads.
         model_type: the config's ``model_type``.
         layers: the number of decoder layers.
-        dtype: ``fp32`` or ``fp16``.
+        dtype: ``float32`` or ``float16``.
         device: the device the export was traced and validated on.
         files: file names in ``path``, sorted (not the hidden marker of a folder swm-hub wrote).
         external_data: whether the weights are stored outside the graph file (models over 2 GB).
@@ -128,40 +128,27 @@ class ExportResult:
         return max((check.max_abs_diff for check in self.checks), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record (paths as strings)."""
-        return {
-            "model_dir": str(self.model_dir),
-            "path": str(self.path),
-            "model_type": self.model_type,
-            "layers": self.layers,
-            "dtype": self.dtype,
-            "device": self.device,
-            "files": list(self.files),
-            "external_data": self.external_data,
-            "size_mb": self.size_mb,
-            "max_abs_diff": self.max_abs_diff,
-            "checks": [check.to_dict() for check in self.checks],
-            "seconds": self.seconds,
-        }
+        """A JSON-ready record (paths as strings), with the largest difference."""
+        return json_record(self, max_abs_diff=self.max_abs_diff)
 
 
 def export_onnx(
     model_dir: Path,
     out: Path | None = None,
-    dtype: str = "fp32",
+    dtype: str = "float32",
     device: str = "cpu",
     overwrite: bool = False,
     atol: float | None = None,
 ) -> ExportResult:
     """Export the model folder ``model_dir`` to ONNX with KV cache, validated against torch.
 
-    ``out`` defaults to ``model_dir/onnx``. ``fp16`` needs ``device="cuda"``: the export is traced and
+    ``out`` defaults to ``model_dir/onnx``. ``float16`` needs ``device="cuda"``: the export is traced and
     validated on the GPU, since CPU kernels for float16 are missing or slow in both torch and ONNX Runtime.
 
     Args:
         model_dir: a model folder (config.json, safetensors, tokenizer), or a Hub id (then ``out`` is needed).
         out: the folder to create; refused when it holds files, unless ``overwrite``.
-        dtype: ``fp32`` or ``fp16``.
+        dtype: ``float32`` or ``float16`` (``fp32``/``fp16`` also accepted).
         device: ``cpu`` or ``cuda``.
         overwrite: replace a non-empty ``out`` (only once the new export has passed validation).
         atol: tolerance of the validation; default: the registry's ``onnx_atol`` (or ``onnx_atol_fp16``).
@@ -174,14 +161,14 @@ def export_onnx(
         OutputExistsError: ``out`` holds files and ``overwrite`` is False.
     """
     started = time.perf_counter()
-    _check_options(dtype, device)
+    dtype = _check_options(dtype, device)
     folder = _model_folder(model_dir, out)
-    target = Path(out) if out is not None else folder / DEFAULT_SUBFOLDER
+    target = Path(out) if out is not None else folder / ONNX_FOLDER
     config = read_config_json(folder / CONFIG_FILE)
     model_type = str(config.get("model_type"))
     spec = check_onnx_support(model_type)
     if atol is None:
-        atol = spec.onnx_atol_fp16 if dtype == "fp16" else spec.onnx_atol
+        atol = spec.onnx_atol_fp16 if dtype == "float16" else spec.onnx_atol
     layers = int(config.get(spec.count_key, 0))
 
     with output_folder(target, overwrite, protected=(folder,)) as temp:
@@ -233,21 +220,25 @@ def check_onnx_support(model_type: str | None) -> ArchitectureSpec:
 # --- checks before any work ----------------------------------------------------------------------------------
 
 
-def _check_options(dtype: str, device: str) -> None:
-    """Refuse bad combinations before any work (fp16 on cpu, cuda without a GPU, missing packages)."""
-    torch_dtype_for(dtype)
+def _check_options(dtype: str, device: str) -> str:
+    """The dtype's canonical name; bad combinations are refused before any work.
+
+    Those are float16 on cpu, cuda without a GPU, and missing packages.
+    """
+    dtype = dtype_name(dtype, allowed=ONNX_DTYPES)
     require_onnx_runtime()
-    check_device(device, onnx=dtype == "fp16")
-    if dtype == "fp16" and device != "cuda":
+    check_device(device, onnx=dtype == "float16")
+    if dtype == "float16" and device != "cuda":
         raise InvalidOptionError(
-            "--dtype fp16 needs --device cuda: a float16 export is traced and validated on the GPU; "
-            "on cpu use --dtype fp32"
+            "--dtype float16 needs --device cuda: a float16 export is traced and validated on the GPU; "
+            "on cpu use --dtype float32"
         )
+    return dtype
 
 
 def _validation_device(dtype: str, device: str) -> str:
     """Validate where the export was made; a float32 CUDA export falls back to CPU without ORT's CUDA provider."""
-    if device == "cuda" and dtype == "fp32":
+    if device == "cuda" and dtype == "float32":
         import onnxruntime
 
         if ort_provider("cuda") not in onnxruntime.get_available_providers():
@@ -303,7 +294,7 @@ class _DecoderWithCache(torch.nn.Module):
 
 def _write_graph(folder: Path, path: Path, dtype: str, device: str) -> bool:
     """Trace the model into ``path``; returns whether its weights went to external data."""
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype_for(dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     model = model.to(device)
     model.train(False)
     tied = _tied_head(model)

@@ -38,8 +38,9 @@ __all__ = [
     "position_ids",
 ]
 
-# transformers.js's file names per dtype (``dtype: "fp32"`` reads onnx/model.onnx, ``"fp16"`` model_fp16.onnx).
-MODEL_FILE_NAMES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+# The graph's file name per dtype: transformers.js's (its ``dtype: "fp32"`` reads onnx/model.onnx, ``"fp16"``
+# model_fp16.onnx).
+MODEL_FILE_NAMES: dict[str, str] = {"float32": "model.onnx", "float16": "model_fp16.onnx"}
 INPUT_NAMES: tuple[str, str, str] = ("input_ids", "attention_mask", "position_ids")
 LOGITS: str = "logits"
 _PAST_PREFIX = "past_key_values."

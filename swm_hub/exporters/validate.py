@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swm_hub.architectures import spec_for_config
+from swm_hub.devices import DTYPES, dtype_name, resolve_device
 from swm_hub.errors import (
     DeviceUnavailableError,
     ExportMismatchError,
     InvalidOptionError,
     MissingDependencyError,
 )
-from swm_hub.exporters.ort_generate import OrtCausalLM, ort_provider, position_ids
+from swm_hub.exporters.ort_generate import MODEL_FILE_NAMES, OrtCausalLM, ort_provider, position_ids
 
 __all__ = [
     "DECODE_STEPS",
@@ -44,8 +45,8 @@ __all__ = [
     "VALIDATION_PROMPT",
     "OutputCheck",
     "check_device",
+    "json_record",
     "require_onnx_runtime",
-    "torch_dtype_for",
     "validate_export",
 ]
 
@@ -61,7 +62,6 @@ DECODE_STEPS: int = 2
 # slow on a CPU and is left to the mask logic the shorter windows exercise.
 MAX_VALIDATION_TOKENS: int = 1024
 DECODE_LOGITS: str = "logits.decode"
-_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 _ONNX_EXTRA = "pip install 'swm-hub[onnx]' (onnx, onnxscript and onnxruntime)"
 
 
@@ -99,20 +99,33 @@ class OutputCheck:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record."""
-        return {
-            "name": self.name,
-            "max_abs_diff": self.max_abs_diff,
-            "atol": self.atol,
-            "shape": list(self.shape),
-            "passed": self.passed,
-        }
+        return json_record(self, passed=self.passed)
+
+
+def json_record(result: Any, **computed: Any) -> dict[str, Any]:
+    """A result dataclass as JSON-ready values, its ``computed`` properties after its fields.
+
+    One conversion for every export result and check, so that a field added to one is recorded without a
+    second list of keys: paths become strings, tuples lists, and nested results their own ``to_dict``.
+    """
+    record = {entry.name: _json_value(getattr(result, entry.name)) for entry in fields(result)}
+    return {**record, **computed}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_json_value(item) for item in value]
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else value
 
 
 def validate_export(
     model_dir: Path,
     onnx_dir: Path,
     atol: float | None = None,
-    dtype: str = "fp32",
+    dtype: str = "float32",
     device: str = "cpu",
     prompt: str = VALIDATION_PROMPT,
 ) -> list[OutputCheck]:
@@ -131,16 +144,16 @@ def validate_export(
         CorruptWeightsError: the export cannot be loaded by ONNX Runtime, or is no decoder with KV cache.
     """
     check_device(device, onnx=True)
-    torch_dtype = torch_dtype_for(dtype)
+    dtype = dtype_name(dtype, allowed=tuple(MODEL_FILE_NAMES))
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
     config = AutoConfig.from_pretrained(model_dir)
     if atol is None:
         spec = spec_for_config(config)
-        atol = spec.onnx_atol_fp16 if dtype == "fp16" else spec.onnx_atol
+        atol = spec.onnx_atol_fp16 if dtype == "float16" else spec.onnx_atol
     tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
     cases = _cases(tokenizer, prompt, _sliding_window(config))
 
-    references = _torch_traces(model_dir, cases, torch_dtype, device)
+    references = _torch_traces(model_dir, cases, DTYPES[dtype], device)
     ort_model = OrtCausalLM.load(onnx_dir, device)
     candidates = [
         _ort_trace(ort_model, case, reference.tokens)
@@ -164,11 +177,7 @@ def check_device(device: str, onnx: bool = False) -> None:
     """Refuse an unknown device, and ``cuda`` where torch (or ONNX Runtime, with ``onnx``) has no GPU."""
     if device not in DEVICES:
         raise InvalidOptionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError(
-            "cuda",
-            "torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); use --device cpu",
-        )
+    resolve_device(device)
     if onnx and device == "cuda":
         require_onnx_runtime()
         import onnxruntime
@@ -179,13 +188,6 @@ def check_device(device: str, onnx: bool = False) -> None:
                 "this onnxruntime build has no CUDAExecutionProvider: install onnxruntime-gpu instead of "
                 "onnxruntime, or use --device cpu",
             )
-
-
-def torch_dtype_for(dtype: str) -> torch.dtype:
-    """``fp32``/``fp16`` as a torch dtype, or an error naming the choices."""
-    if dtype not in _TORCH_DTYPES:
-        raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of {', '.join(_TORCH_DTYPES)}")
-    return _TORCH_DTYPES[dtype]
 
 
 def require_onnx_runtime() -> None:

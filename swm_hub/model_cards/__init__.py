@@ -2,7 +2,8 @@
 
 ``build_context`` reads what the stages wrote (``swm_plan.json`` always; ``similarity.json`` and
 ``similarity.png``, ``eval.json``, ``bench.json`` and ``onnx/`` when those stages ran) and the weights' own
-headers, into one typed ``CardContext``. A section whose results were not measured is ``None`` in the
+headers, into one typed ``CardContext``; each result file is read by the ``load`` of its type in
+``swm_hub.results``, so the card only composes sections from objects. A section whose results were not measured is ``None`` in the
 context and absent from the card: nothing is estimated or filled in. ``render_context`` renders the
 packaged Jinja template with ``StrictUndefined``, so a value the template needs and the context lacks fails
 instead of rendering blank, and puts the Hub metadata (``ModelCardData``) on top.
@@ -17,11 +18,9 @@ files (ONNX files have made it guess ``quantized``). The pruning itself is said 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shlex
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -32,18 +31,26 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
-from swm_hub.analyze import JSON_NAME as SIMILARITY_JSON
-from swm_hub.analyze import PNG_NAME as SIMILARITY_PNG
 from swm_hub.architectures import spec_for
 from swm_hub.calibration import TextSource
 from swm_hub.checkpoint import write_text_atomically
 from swm_hub.consolidate import MERGE_RULES, PAPER_URL
-from swm_hub.errors import ResultFileError, SwmHubError, UnknownModelError
-from swm_hub.evaluate import ratios_to_best_drop
+from swm_hub.errors import (
+    CorruptWeightsError,
+    ResultFileError,
+    ResultFileVersionError,
+    SwmHubError,
+    UnknownModelError,
+)
+from swm_hub.files import BENCH_FILE, CARD_FILE, EVAL_FILE, ONNX_FOLDER, SIMILARITY_JSON, SIMILARITY_PNG
 from swm_hub.heal_report import HealInfo, heal_info
 from swm_hub.options import METHODS, MergeOptions
+from swm_hub.packaged_models import DEMO_NAMES, demo_gguf_on_disk
 from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import SMOLLM2_FILE, SMOLLM2_NAME, SMOLLM2_PACKAGE
+from swm_hub.results.bench import BenchFile, Measure, SavedBench, Stat
+from swm_hub.results.evaluation import EvalReport, ratios_to_best_drop
+from swm_hub.results.similarity import SimilarityReport
+from swm_hub.shards import read_header
 
 __all__ = [
     "BASE_MODEL_RELATION",
@@ -73,12 +80,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CARD_FILE: str = "README.md"
 TEMPLATE_NAME: str = "model_card.md.j2"
-EVAL_FILE: str = "eval.json"
-BENCH_FILE: str = "bench.json"
-ONNX_FOLDER: str = "onnx"
-CONFIG_FILE: str = "config.json"
 
 BASE_MODEL_RELATION: str = "finetune"
 """The Hub's relation for one base model's weights, changed; see the module docstring."""
@@ -108,8 +110,6 @@ LATENCY_LABELS: Mapping[str, str] = {
     "peak_memory_mb": "peak memory (MB)",
     "weights_mb": "weights (MB)",
 }
-_LATENCY_SKIP: frozenset[str] = frozenset({"name", "layers", "runs_end_to_end_ms", "metrics"})
-_SAFETENSORS_HEADER_MAX: int = 100 * 2**20
 _REPO_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -267,7 +267,9 @@ def render_card(folder: Path, repo_id: str | None = None) -> str:
     Raises:
         UnknownModelError: the folder has no swm_plan.json.
         PlanMismatchError: swm_plan.json cannot be parsed.
-        ResultFileError: similarity.json or eval.json exists but cannot be read.
+        ResultFileError: similarity.json or eval.json exists but cannot be read (an unreadable bench.json
+            only leaves the latency section out).
+        ResultFileVersionError: a result file was written by a newer swm-hub.
         jinja2.UndefinedError: the template needs a value the context lacks (a bug, not a user error).
     """
     return render_context(build_context(Path(folder), repo_id))
@@ -282,7 +284,7 @@ def write_card(folder: Path, repo_id: str | None = None, name: str | None = None
     folder = Path(folder)
     content = render_context(build_context(folder, repo_id, name))
     target = write_text_atomically(folder / CARD_FILE, content)
-    logger.info("wrote %s", target)
+    logger.debug("wrote %s", target)  # the commands say where the folder (or card) went
     return target
 
 
@@ -370,8 +372,8 @@ def build_context(folder: Path, repo_id: str | None = None, name: str | None = N
         calibration=_calibration_text(plan.calibration),
         windows=_window_rows(plan),
         heatmap=_heatmap(folder),
-        perplexity=_perplexity(folder / EVAL_FILE, plan),
-        latency=_latency(folder / BENCH_FILE),
+        perplexity=_perplexity(folder, plan),
+        latency=_latency(folder),
         heal=heal_info(folder, plan),
         onnx_folder=ONNX_FOLDER if has_onnx else None,
         reproduce=reproduce_command(plan, name),
@@ -395,7 +397,7 @@ def _base_info(plan: MergePlan) -> BaseInfo:
 
 def _public_name(model: str) -> str:
     """A local path is named by its last component: a card is public, the user's folders are not."""
-    if model == SMOLLM2_NAME or not _is_local_path(model):
+    if model in DEMO_NAMES or not _is_local_path(model):
         return model
     return Path(model).name
 
@@ -527,72 +529,42 @@ def _calibration_options(calibration: Mapping[str, Any]) -> list[str]:
 # --- result files ------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ResultFileError(path, f"not readable JSON ({exc})") from exc
-
-
 def _heatmap(folder: Path) -> HeatmapInfo | None:
     """The heatmap when the PNG is there; what it measured when similarity.json is there too."""
     if not (folder / SIMILARITY_PNG).is_file():
         return None
-    metric: str | None = None
-    tokens: int | None = None
-    text: str | None = None
-    json_path = folder / SIMILARITY_JSON
-    if json_path.is_file():
-        data = _read_json(json_path)
-        if not isinstance(data, dict) or not isinstance(data.get("metric"), str):
-            raise ResultFileError(json_path, "it has no 'metric' field")
-        metric = data["metric"]
-        calibration = data.get("calibration")
-        if isinstance(calibration, dict):
-            tokens = calibration["tokens"] if isinstance(calibration.get("tokens"), int) else None
-            text = _calibration_text(calibration) if "text" in calibration else None
-    return HeatmapInfo(image=SIMILARITY_PNG, metric=metric, tokens=tokens, text=text)
-
-
-def _perplexity(path: Path, plan: MergePlan) -> PerplexityInfo | None:
-    """eval.json as ``EvalReport.to_json`` writes it; the first row is the base when it has all the layers."""
-    if not path.is_file():
-        return None
-    data = _read_json(path)
-    try:
-        raw_rows = data["rows"]
-        rows = [
-            (
-                str(row["name"]),
-                int(row["layers"]),
-                float(row["perplexity"]),
-                tuple(int(layer) for layer in row.get("dropped", ())),
-                {str(kind): float(value) for kind, value in row.get("by_kind", {}).items()},
-            )
-            for row in raw_rows
-        ]
-        text, blocks, seq_len = str(data["text"]), int(data["blocks"]), int(data["seq_len"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ResultFileError(path, f"not an evaluation report ({type(exc).__name__}: {exc})") from exc
-    if not rows:
-        raise ResultFileError(path, "it holds no perplexity rows")
-    kinds = (
-        list(rows[0][4])
-        if len(rows[0][4]) > 1 and all(row[4].keys() == rows[0][4].keys() for row in rows)
-        else []
+    if not (folder / SIMILARITY_JSON).is_file():
+        return HeatmapInfo(image=SIMILARITY_PNG, metric=None, tokens=None, text=None)
+    report = SimilarityReport.load(folder)
+    tokens = report.calibration.get("tokens")
+    return HeatmapInfo(
+        image=SIMILARITY_PNG,
+        metric=report.metric,
+        tokens=tokens if isinstance(tokens, int) else None,
+        text=_calibration_text(report.calibration) if "text" in report.calibration else None,
     )
-    base = rows[0][2] if rows[0][1] == plan.num_layers and not rows[0][3] else None
+
+
+def _perplexity(folder: Path, plan: MergePlan) -> PerplexityInfo | None:
+    """eval.json's rows; the first is the base model's when it has all the layers and drops none."""
+    if not (folder / EVAL_FILE).is_file():
+        return None
+    report = EvalReport.load(folder)
+    first = report.rows[0]
+    same_kinds = all(row.by_kind.keys() == first.by_kind.keys() for row in report.rows)
+    kinds = report.kinds if same_kinds else []
+    base = first.perplexity if first.layers == plan.num_layers and not first.dropped else None
     lines = [
         PerplexityLine(
-            name=name,
-            layers=layers,
-            perplexity=value,
-            vs_base=None if base is None or index == 0 else 100.0 * (value / base - 1.0),
-            dropped=", ".join(map(str, dropped)),
-            is_drop_baseline=bool(dropped),
-            by_kind=[by_kind[kind] for kind in kinds],
+            name=row.name,
+            layers=row.layers,
+            perplexity=row.perplexity,
+            vs_base=None if base is None or index == 0 else 100.0 * (row.perplexity / base - 1.0),
+            dropped=", ".join(map(str, row.dropped)),
+            is_drop_baseline=bool(row.dropped),
+            by_kind=[row.by_kind[kind] for kind in kinds],
         )
-        for index, (name, layers, value, dropped, by_kind) in enumerate(rows)
+        for index, row in enumerate(report.rows)
     ]
     merged = next(
         (line for line in lines if line.layers == plan.layers_after and not line.is_drop_baseline), None
@@ -600,9 +572,9 @@ def _perplexity(path: Path, plan: MergePlan) -> PerplexityInfo | None:
     drops = [line for line in lines if line.is_drop_baseline]
     worst = _worst_kind(merged, drops, kinds)
     return PerplexityInfo(
-        text=_described_text(text),
-        blocks=blocks,
-        seq_len=seq_len,
+        text=_described_text(report.text),
+        blocks=report.blocks,
+        seq_len=report.seq_len,
         rows=lines,
         merged=merged,
         drop_baselines=drops,
@@ -626,95 +598,67 @@ def _worst_kind(
     return worst, ratios[worst]
 
 
-def _latency(path: Path) -> list[LatencyTable] | None:
-    """bench.json, read tolerantly: one report, a list of them, or ``{"reports": [...]}``.
+def _latency(folder: Path) -> list[LatencyTable] | None:
+    """One table per report of bench.json; a file the card cannot use leaves the section out, with a warning.
 
-    Each report has a ``model`` (and optionally a ``baseline``) or a list of ``rows``; each of those has a
-    ``name``, ``layers`` and measures, either at its top level or under ``metrics``. A measure is a number
-    or ``{"median", "min", "max"}``. What does not fit is left out with a warning, never guessed.
+    Latency is measured on another machine than the one that writes the card, often by hand, so an odd
+    bench.json is not worth failing the card over; one written by a newer swm-hub is, as for every file.
     """
-    if not path.is_file():
+    if not (folder / BENCH_FILE).is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        logger.warning("%s is not readable JSON (%s): the card has no latency section", path, exc)
+        saved = BenchFile.load(folder)
+    except ResultFileVersionError:
+        raise
+    except ResultFileError as exc:
+        logger.warning("%s: the card has no latency section", exc)
         return None
-    if isinstance(data, dict) and isinstance(data.get("reports"), list):
-        reports = data["reports"]
-    else:
-        reports = data if isinstance(data, list) else [data]
-    tables = [table for report in reports if (table := _latency_table(report)) is not None]
-    if not tables:
-        logger.warning("%s holds no latency measures the card can read: no latency section", path)
-        return None
-    return tables
+    return [_latency_table(report) for report in saved.reports]
 
 
-def _latency_table(report: Any) -> LatencyTable | None:
-    if not isinstance(report, dict):
-        return None
-    if isinstance(report.get("rows"), list):
-        models = [row for row in report["rows"] if isinstance(row, dict)]
-    else:
-        models = [report[key] for key in ("baseline", "model") if isinstance(report.get(key), dict)]
-    columns: list[str] = []
-    cells: dict[str, dict[int, str]] = {}
-    for index, model in enumerate(models):
-        name = _public_name(str(model.get("name", "?")))
-        layers = model.get("layers")
-        columns.append(f"{name} ({layers} layers)" if isinstance(layers, int) else name)
-        measures = model["metrics"] if isinstance(model.get("metrics"), dict) else model
-        for key, value in measures.items():
-            text = _measure(value)
-            if key in _LATENCY_SKIP or text is None:
-                continue
-            cells.setdefault(key, {})[index] = text
-    if not columns or not cells:
-        return None
+def _latency_table(report: SavedBench) -> LatencyTable:
+    """A column per model, a row per measure any of them has, in the order the file first names them."""
+    columns = [
+        f"{_public_name(model.name)} ({model.layers} layers)"
+        if model.layers is not None
+        else _public_name(model.name)
+        for model in report.models
+    ]
+    measures = dict.fromkeys(key for model in report.models for key in model.measures)
     rows = [
-        [LATENCY_LABELS.get(key, key.replace("_", " "))] + [by_model.get(i, "–") for i in range(len(columns))]
-        for key, by_model in cells.items()
+        [LATENCY_LABELS.get(key, key.replace("_", " "))]
+        + [_measure_text(model.measures[key]) if key in model.measures else "–" for model in report.models]
+        for key in measures
     ]
     return LatencyTable(title=_latency_title(report), columns=columns, rows=rows, summary=_speedup(report))
 
 
-def _measure(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return _number(float(value))
-    if isinstance(value, dict) and isinstance(value.get("median"), int | float):
-        median = _number(float(value["median"]))
-        low, high = value.get("min"), value.get("max")
-        if isinstance(low, int | float) and isinstance(high, int | float):
-            return f"{median} [{_number(float(low))}–{_number(float(high))}]"
-        return median
-    return None
+def _measure_text(measure: Measure) -> str:
+    if isinstance(measure, Stat):
+        return f"{_number(measure.median)} [{_number(measure.min)}–{_number(measure.max)}]"
+    return _number(measure)
 
 
 def _number(value: float) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
-def _latency_title(report: Mapping[str, Any]) -> str:
+def _latency_title(report: SavedBench) -> str:
     parts = []
-    backend, device, dtype = report.get("backend"), report.get("device"), report.get("dtype")
-    if backend or device:
-        parts.append(" on ".join(str(part) for part in (backend, device) if part))
-    if dtype:
-        parts.append(f"{dtype}" + (", compiled static cache" if report.get("compiled") else ""))
-    prompt, new = report.get("prompt_tokens"), report.get("new_tokens")
-    if isinstance(prompt, int) and isinstance(new, int):
-        parts.append(f"{prompt}-token prompt, {new} new tokens")
-    if isinstance(report.get("runs"), int):
-        parts.append(f"median [min–max] of {report['runs']} runs")
+    if report.backend or report.device:
+        parts.append(" on ".join(part for part in (report.backend, report.device) if part))
+    if report.dtype:
+        parts.append(report.dtype + (", compiled static cache" if report.compiled else ""))
+    if report.prompt_tokens is not None and report.new_tokens is not None:
+        parts.append(f"{report.prompt_tokens}-token prompt, {report.new_tokens} new tokens")
+    if report.runs is not None:
+        parts.append(f"median [min–max] of {report.runs} runs")
     return ", ".join(parts) or "latency"
 
 
-def _speedup(report: Mapping[str, Any]) -> str | None:
-    measured, ideal = report.get("measured_speedup"), report.get("ideal_speedup")
-    if isinstance(measured, int | float) and isinstance(ideal, int | float):
+def _speedup(report: SavedBench) -> str | None:
+    measured, ideal = report.measured_speedup, report.ideal_speedup
+    if measured is not None and ideal is not None:
         return f"measured end-to-end speedup {measured:.2f}x; ideal (layers before / after) {ideal:.2f}x"
     return None
 
@@ -750,26 +694,11 @@ def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
-            header = _safetensors_header(file)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    shapes[name] = [int(size) for size in info["shape"]]
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            shapes.update({spec.name: list(spec.shape) for spec in read_header(file)})
+        except CorruptWeightsError as exc:
             logger.warning("cannot read the header of %s (%s): no parameter counts in the card", file, exc)
             return {}
     return shapes
-
-
-def _safetensors_header(file: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: an 8-byte little-endian length, then that many bytes."""
-    with file.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > _SAFETENSORS_HEADER_MAX:
-            raise ValueError(f"header of {length} bytes")
-        header = json.loads(handle.read(length))
-    if not isinstance(header, dict):
-        raise TypeError("the header is not a JSON object")
-    return header
 
 
 _LicenseFound = tuple[str, str | None, str | None]
@@ -793,10 +722,9 @@ def _license_sources(plan: MergePlan) -> list[tuple[str, Callable[[], _LicenseFo
     """(description, reader) pairs, most direct first; each reader returns the licence or None."""
     sources: list[tuple[str, Callable[[], _LicenseFound | None]]] = []
     local = Path(plan.model).expanduser()
-    if plan.model == SMOLLM2_NAME:
-        gguf_file = _smollm2_file()
-        if gguf_file is not None:
-            sources.append(("the metadata of its GGUF file", lambda: _gguf_license(gguf_file)))
+    demo_file = demo_gguf_on_disk(plan.model)
+    if demo_file is not None:
+        sources.append(("the metadata of its GGUF file", lambda: _gguf_license(demo_file)))
     elif local.is_file() and local.suffix.lower() == ".gguf":
         sources.append(("the metadata of its GGUF file", lambda: _gguf_license(local)))
     elif local.is_dir():
@@ -805,16 +733,6 @@ def _license_sources(plan: MergePlan) -> list[tuple[str, Callable[[], _LicenseFo
         hub_id = plan.base_model
         sources.append(("its model card on the Hub", lambda: _cached_card_license(hub_id, plan.revision)))
     return sources
-
-
-def _smollm2_file() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    return file if file.is_file() else None
 
 
 def _gguf_license(file: Path) -> _LicenseFound | None:
