@@ -45,11 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from swm_hub.architectures import spec_for_config
-from swm_hub.calibration import TextSource, even_counts, read_texts
-from swm_hub.consolidate import MERGE_RULES, combine_window
-from swm_hub.evaluate import DROP_RULES, perplexity, windows_for_dropped
-from swm_hub.gradient_fit import (
+from swm_hub.core.architectures import spec_for_config
+from swm_hub.core.calibration import TextSource, even_counts, read_texts
+from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.runtime.layer_trace import BatchTrace, decoder_layers, passing_through, trace_batch
+from swm_hub.runtime.loading import GEMMA3_NAME, LoadedModel, pull
+from swm_hub.stages.evaluate import DROP_RULES, perplexity, windows_for_dropped
+from swm_hub.stages.merge.gradient_fit import (
     DEFAULT_LR,
     DEFAULT_STEPS,
     TOKEN_LOSSES,
@@ -57,9 +59,8 @@ from swm_hub.gradient_fit import (
     default_trained,
     gradient_refit,
 )
-from swm_hub.layer_parameters import norm_parameter_names
-from swm_hub.layer_trace import BatchTrace, decoder_layers, passing_through, trace_batch
-from swm_hub.pull import GEMMA3_NAME, LoadedModel, pull
+from swm_hub.stages.merge.layer_parameters import norm_parameter_names
+from swm_hub.stages.merge.rules import combine_window
 
 CALIBRATION_BLOCKS, CALIBRATION_LEN, CALIBRATION_BATCH = 32, 128, 4
 HELDOUT_BLOCKS, HELDOUT_LEN, HELDOUT_BATCH = 16, 256, 2  # a 262k vocabulary: 0.5 GB of logits a batch

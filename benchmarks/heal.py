@@ -5,7 +5,7 @@ For each removal count in ``--counts`` (SmolLM2-135M has 30 decoder layers):
 - ``swm-fit``: ``plan_merge`` with ``target_layers = 30 - count`` and ``build_merged_model``, on the
   ``CalibrationOptions()`` trace (the shipped calibration corpus, every kind);
 - ``drop-bi``: ShortGPT's block influence dropping of as many layers, from the same trace;
-- each healed with ``swm_hub.heal.heal_model`` and the same options and budget (``--tokens``): LoRA on
+- each healed with ``swm_hub.stages.heal.heal_model`` and the same options and budget (``--tokens``): LoRA on
   every decoder layer (``--modules all``, the default; with ``merged``, on the consolidated layers, and for
   the drop baseline on the layer kept below each dropped run), KL to the dense model on the calibration
   text, at a learning rate (3e-3) raised for budgets this small: a few thousand tokens per model, what 2 CPU
@@ -55,14 +55,14 @@ import torch.nn.functional as F  # noqa: N812
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from swm_hub.heal import HealOptions, HealResult, adapted_module_names, heal_model, training_blocks
-from swm_hub.heal_compare import HealComparer
-from swm_hub.heal_report import HealComparison
-from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import build_merged_model, plan_merge
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
-from swm_hub.plan import MergePlan
-from swm_hub.pull import LoadedModel, pull
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.results.heal import HealComparison
+from swm_hub.results.plan import MergePlan
+from swm_hub.runtime.layer_trace import BatchTrace
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.stages.heal import HealOptions, HealResult, adapted_module_names, heal_model, training_blocks
+from swm_hub.stages.heal.compare import HealComparer
+from swm_hub.stages.merge import build_merged_model, plan_merge
 
 MODEL = "smollm2"
 LAYERS = 30

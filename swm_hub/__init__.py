@@ -4,12 +4,12 @@ The Python API mirrors the command line: ``analyze`` and ``compress`` take a mod
 .gguf file or ``smollm2``) and return result objects; the options are frozen dataclasses.
 """
 
-from swm_hub.merge import MergeResult
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.version import __version__
 from swm_hub.pipeline import analyze, compress
-from swm_hub.plan import MergePlan
+from swm_hub.results.plan import MergePlan
 from swm_hub.results.similarity import SimilarityReport
-from swm_hub.version import __version__
+from swm_hub.stages.merge import MergeResult
 
 __all__ = [
     "CalibrationOptions",

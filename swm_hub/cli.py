@@ -14,22 +14,24 @@ from typing import Annotated
 
 import typer
 
-from swm_hub import errors, exporters, pipeline
-from swm_hub.atomic import exit_on_sigterm
-from swm_hub.bench import bench as run_bench
-from swm_hub.calibration import KINDS, TextSource
-from swm_hub.consolidate import MERGE_RULES
-from swm_hub.evaluate import DROP_RULES, evaluate
-from swm_hub.heal import HEAL_HELP, HealInterrupted, HealOptions, HealRequest, HealResult
-from swm_hub.heal import heal as run_heal
-from swm_hub.heal_report import HEAL_FILE, HealComparison
-from swm_hub.model_cards import write_card
-from swm_hub.options import HELP, METHODS, CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub import pipeline
+from swm_hub.core import errors
+from swm_hub.core.atomic import exit_on_sigterm
+from swm_hub.core.calibration import KINDS, TextSource
+from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.options import HELP, METHODS, CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.progress import configure, quiet_requested
+from swm_hub.core.similarity import PAIRWISE_METRICS
 from swm_hub.pipeline import PushRequest
-from swm_hub.progress import configure, quiet_requested
-from swm_hub.push import program_name
-from swm_hub.similarity import PAIRWISE_METRICS
-from swm_hub.zeroshot import PAPER_TASKS, zero_shot
+from swm_hub.results.heal import HEAL_FILE, HealComparison
+from swm_hub.stages import export as exporters
+from swm_hub.stages.bench import bench as run_bench
+from swm_hub.stages.card import write_card
+from swm_hub.stages.evaluate import DROP_RULES, evaluate
+from swm_hub.stages.evaluate.zeroshot import PAPER_TASKS, zero_shot
+from swm_hub.stages.heal import HEAL_HELP, HealInterrupted, HealOptions, HealRequest, HealResult
+from swm_hub.stages.heal import heal as run_heal
+from swm_hub.stages.push import program_name
 
 MODEL_HELP = (
     "the model: a Hub id (org/name, optionally org/name@revision), a local model folder, a local .gguf file, "

@@ -7,21 +7,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from swm_hub.analyze import analyze_model
-from swm_hub.atomic import check_free_space, write_errors_reported
-from swm_hub.calibration import TextSource
-from swm_hub.checkpoint import output_folder
-from swm_hub.evaluate import evaluate
-from swm_hub.exporters import export
-from swm_hub.heal import HealRequest
-from swm_hub.merge import MergeResult, merge_into
-from swm_hub.model_cards import write_card
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
-from swm_hub.plan import MergePlan
-from swm_hub.pull import pull_for
-from swm_hub.push import PushResult, push
-from swm_hub.push_checks import check_push_access
+from swm_hub.core.atomic import check_free_space, write_errors_reported
+from swm_hub.core.calibration import TextSource
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
+from swm_hub.results.plan import MergePlan
+from swm_hub.results.push import PushResult
 from swm_hub.results.similarity import SimilarityReport
+from swm_hub.runtime.checkpoint import output_folder
+from swm_hub.runtime.loading import pull_for
+from swm_hub.stages.analyze import analyze_model
+from swm_hub.stages.card import write_card
+from swm_hub.stages.evaluate import evaluate
+from swm_hub.stages.export import export
+from swm_hub.stages.heal import HealRequest
+from swm_hub.stages.merge import MergeResult, merge_into
+from swm_hub.stages.push import push
+from swm_hub.stages.push.checks import check_push_access
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_CALIBRATION = CalibrationOptions()

@@ -19,7 +19,7 @@ os.environ.setdefault("SWM_HUB_QUIET", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from swm_hub.options import CalibrationOptions  # noqa: E402
+from swm_hub.core.options import CalibrationOptions  # noqa: E402
 
 TINY_LAYERS = 6
 TINY_TEXT = (

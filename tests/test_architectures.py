@@ -9,8 +9,8 @@ import torch
 from conftest import COMMON, TINY_CONFIGS, TINY_LAYERS
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from swm_hub.architectures import ARCHITECTURES, spec_for, spec_for_config, supported_model_types
-from swm_hub.errors import UnsupportedArchitectureError
+from swm_hub.core.architectures import ARCHITECTURES, spec_for, spec_for_config, supported_model_types
+from swm_hub.core.errors import UnsupportedArchitectureError
 
 MODEL_TYPES = sorted(TINY_CONFIGS)
 

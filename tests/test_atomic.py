@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_TEXT
 
-from swm_hub import atomic
-from swm_hub.checkpoint import output_folder
-from swm_hub.errors import OutputBusyError
-from swm_hub.layerwise import CACHE_PREFIX, activation_cache
+from swm_hub.core import atomic
+from swm_hub.core.errors import OutputBusyError
+from swm_hub.runtime.checkpoint import output_folder
+from swm_hub.runtime.layerwise import CACHE_PREFIX, activation_cache
 
 CHILD_TIMEOUT = 240
 
@@ -57,8 +57,8 @@ def kill(child: subprocess.Popen[str], signum: int) -> int:
 SWAP_SCRIPT = """
 import sys
 from pathlib import Path
-from swm_hub import atomic
-from swm_hub.checkpoint import output_folder
+from swm_hub.core import atomic
+from swm_hub.runtime.checkpoint import output_folder
 if sys.argv[2] == "no-exchange":
     atomic.exchange = lambda first, second: False
 atomic.exit_on_sigterm()

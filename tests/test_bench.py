@@ -11,8 +11,8 @@ import torch
 from conftest import COMMON, build_tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from swm_hub.bench import bench, prompt_ids
-from swm_hub.errors import DeviceUnavailableError, InvalidOptionError, SwmHubError, UnknownModelError
+from swm_hub.core.errors import DeviceUnavailableError, InvalidOptionError, SwmHubError, UnknownModelError
+from swm_hub.stages.bench import bench, prompt_ids
 
 MODEL_FIELDS = {
     "name",
@@ -71,7 +71,7 @@ def shallow_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def shallow_llama_export(shallow_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model folder holding the four-layer llama's ONNX export in its onnx/ subfolder."""
-    from swm_hub.exporters import export_onnx
+    from swm_hub.stages.export import export_onnx
 
     folder = tmp_path_factory.mktemp("compressed")
     export_onnx(shallow_llama_dir, folder / "onnx")
@@ -145,7 +145,7 @@ def test_single_model_has_no_speedup(tiny_model_dir: Callable[[str], Path]) -> N
 def test_onnxruntime_bench_on_tiny_exports(
     tiny_model_dir: Callable[[str], Path], shallow_llama_dir: Path, shallow_llama_export: Path, tmp_path: Path
 ) -> None:
-    from swm_hub.exporters import export_onnx
+    from swm_hub.stages.export import export_onnx
 
     original = export_onnx(tiny_model_dir("llama"), tmp_path / "original-onnx").path
     # A model folder with an onnx/ subfolder, and an export folder itself, are both accepted.
@@ -175,7 +175,7 @@ def test_onnxruntime_bench_on_tiny_exports(
 def test_onnxruntime_bench_runs_our_loop_for_exactly_the_asked_tokens(
     shallow_llama_export: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from swm_hub.exporters.ort_generate import OrtCausalLM
+    from swm_hub.runtime.ort import OrtCausalLM
 
     steps: list[int] = []
     real_step = OrtCausalLM.step

@@ -10,7 +10,7 @@ from conftest import build_tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from swm_hub.calibration import (
+from swm_hub.core.calibration import (
     KINDS,
     TextSource,
     blocks_by_kind,
@@ -19,9 +19,9 @@ from swm_hub.calibration import (
     shipped_text,
     token_blocks,
 )
-from swm_hub.errors import CalibrationDataError, InvalidOptionError
-from swm_hub.options import CalibrationOptions
-from swm_hub.tracing import calibration_batches
+from swm_hub.core.errors import CalibrationDataError, InvalidOptionError
+from swm_hub.core.options import CalibrationOptions
+from swm_hub.runtime.tracing import calibration_batches
 
 TEXT = " ".join(f"word{i % 97} and more text number {i}." for i in range(400))
 

@@ -15,17 +15,17 @@ from conftest import COMMON, TINY_CONFIGS, TINY_LAYERS, TINY_TEXT
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from swm_hub import atomic
-from swm_hub.architectures import spec_for, spec_for_config
-from swm_hub.checkpoint import (
+from swm_hub.core import atomic
+from swm_hub.core.architectures import spec_for, spec_for_config
+from swm_hub.core.config_rewrite import rewrite_config
+from swm_hub.core.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
+from swm_hub.runtime.checkpoint import (
     build_model,
     output_folder,
     save_model_folder,
     state_dict_for,
     verify_folder_loads,
 )
-from swm_hub.config_rewrite import rewrite_config
-from swm_hub.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
 
 MODEL_TYPES = sorted(TINY_CONFIGS)
 KEPT = [0, 1, 2, 5]  # window 2..4 merged into layer 2

@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BertConfig
 from typer.testing import CliRunner
 
-from swm_hub import atomic, cli, errors, pipeline
-from swm_hub.options import ExecutionOptions
+from swm_hub import cli, pipeline
+from swm_hub.core import atomic, errors
+from swm_hub.core.options import ExecutionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -9,9 +9,9 @@ import pytest
 from conftest import COMMON, TINY_CONFIGS, TINY_LAYERS
 from transformers import AutoConfig
 
-from swm_hub.architectures import ARCHITECTURES, ArchitectureSpec, spec_for
-from swm_hub.config_rewrite import check_kept, kept_layers, rewrite_config
-from swm_hub.errors import PlanMismatchError, UnsupportedArchitectureError
+from swm_hub.core.architectures import ARCHITECTURES, ArchitectureSpec, spec_for
+from swm_hub.core.config_rewrite import check_kept, kept_layers, rewrite_config
+from swm_hub.core.errors import PlanMismatchError, UnsupportedArchitectureError
 
 MODEL_TYPES = sorted(TINY_CONFIGS)
 KEPT = [0, 1, 2, 5]  # window 2..4 merged into layer 2

@@ -10,14 +10,15 @@ import torch
 from conftest import TINY_LAYERS, build_tiny_model
 from torch import nn
 
-from swm_hub.architectures import ArchitectureSpec, spec_for, spec_for_config
-from swm_hub.consolidate import MERGE_RULES, combine_window, consolidate
-from swm_hub.gradient_fit import default_trained
-from swm_hub.layer_parameters import norm_parameter_names
-from swm_hub.layer_trace import BatchTrace, decoder_layers, hidden_of, run_layers
-from swm_hub.options import CalibrationOptions
-from swm_hub.pull import LoadedModel, pull
-from swm_hub.tracing import calibration_batches, trace_calibration
+from swm_hub.core.architectures import ArchitectureSpec, spec_for, spec_for_config
+from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.options import CalibrationOptions
+from swm_hub.runtime.layer_trace import BatchTrace, decoder_layers, hidden_of, run_layers
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.tracing import calibration_batches, trace_calibration
+from swm_hub.stages.merge.gradient_fit import default_trained
+from swm_hub.stages.merge.layer_parameters import norm_parameter_names
+from swm_hub.stages.merge.rules import combine_window, consolidate
 
 LOW, HIGH = 1, 3
 """The window the tests consolidate: three inner layers of a six-layer model."""

@@ -10,7 +10,11 @@ import pytest
 import torch
 from conftest import TINY_LAYERS, build_tiny_model
 
-from swm_hub.evaluate import (
+from swm_hub.results.evaluation import EvalReport, PerplexityRow
+from swm_hub.results.plan import MergePlan
+from swm_hub.runtime.layer_trace import BatchTrace
+from swm_hub.runtime.loading import pull
+from swm_hub.stages.evaluate import (
     DROP_RULES,
     drop_by_angular_distance,
     drop_by_block_influence,
@@ -18,11 +22,7 @@ from swm_hub.evaluate import (
     perplexity,
     windows_for_dropped,
 )
-from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import build_merged_model
-from swm_hub.plan import MergePlan
-from swm_hub.pull import pull
-from swm_hub.results.evaluation import EvalReport, PerplexityRow
+from swm_hub.stages.merge import build_merged_model
 
 WIDTH = 8
 

@@ -21,9 +21,8 @@ from conftest import COMMON, build_tiny_tokenizer
 from onnx import numpy_helper
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from swm_hub.architectures import ARCHITECTURES
-from swm_hub.bench import _per_token_weight_bytes
-from swm_hub.errors import (
+from swm_hub.core.architectures import ARCHITECTURES
+from swm_hub.core.errors import (
     CorruptWeightsError,
     DeviceUnavailableError,
     ExportMismatchError,
@@ -34,15 +33,16 @@ from swm_hub.errors import (
     UnknownModelError,
     UnsafeOutputError,
 )
-from swm_hub.exporters import EXPORT_FORMATS, ExportResult, export
-from swm_hub.exporters.onnx import (
+from swm_hub.runtime.ort import OrtCausalLM, find_model_file, per_token_weight_bytes
+from swm_hub.stages.bench import _per_token_weight_bytes
+from swm_hub.stages.export import EXPORT_FORMATS, ExportResult, export
+from swm_hub.stages.export.onnx import (
     FORCE_EXTERNAL_DATA_ENV,
     check_onnx_support,
     export_onnx,
     onnx_exportable_model_types,
 )
-from swm_hub.exporters.ort_generate import OrtCausalLM, find_model_file, per_token_weight_bytes
-from swm_hub.exporters.validate import DECODE_STEPS, validate_export
+from swm_hub.stages.export.validate import DECODE_STEPS, validate_export
 
 LOADER_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 
@@ -151,7 +151,7 @@ def test_corrupted_weight_is_a_typed_mismatch_that_names_the_outputs_it_reaches(
     onnx.save(model, str(corrupted / "model.onnx"))
 
     with (
-        caplog.at_level(logging.INFO, logger="swm_hub.exporters.validate"),
+        caplog.at_level(logging.INFO, logger="swm_hub.stages.export.validate"),
         pytest.raises(ExportMismatchError) as caught,
     ):
         validate_export(result.model_dir, corrupted)
@@ -296,7 +296,7 @@ def test_validation_logs_one_line_per_output(
     exported: Callable[[str], ExportResult], caplog: pytest.LogCaptureFixture
 ) -> None:
     result = exported("qwen2")
-    with caplog.at_level(logging.INFO, logger="swm_hub.exporters.validate"):
+    with caplog.at_level(logging.INFO, logger="swm_hub.stages.export.validate"):
         checks = validate_export(result.model_dir, result.path)
     lines = [record.getMessage() for record in caplog.records if record.getMessage()[:1] in "✓✗"]
     assert lines == [check.line() for check in checks]
@@ -312,9 +312,9 @@ def test_the_model_cards_onnx_snippet_runs_on_an_export(
 ) -> None:
     import huggingface_hub
 
-    import swm_hub.model_cards
+    import swm_hub.stages.card
 
-    template = Path(swm_hub.model_cards.__file__).with_name("model_card.md.j2").read_text(encoding="utf-8")
+    template = Path(swm_hub.stages.card.__file__).with_name("model_card.md.j2").read_text(encoding="utf-8")
     block = template.split("{% if onnx_folder is not none %}", 1)[1].split("```python\n", 1)[1]
     snippet = (
         block.split("```", 1)[0].replace("{{ load_id }}", "me/tiny").replace("{{ onnx_folder }}", "onnx")

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from swm_hub import packaged_models
-from swm_hub.calibration import KINDS, TextSource
-from swm_hub.errors import CorruptWeightsError, InvalidOptionError, OutputWriteError, UnknownModelError
-from swm_hub.evaluate import heldout_batches, perplexity
-from swm_hub.merge import build_merged_model, plan_merge
-from swm_hub.options import MergeOptions
-from swm_hub.packaged_models import GEMMA3_NAME, cache_folder
-from swm_hub.pull import LoadedModel, pull, resolve_source
-from swm_hub.tracing import calibration_batches, trace_calibration
+from swm_hub.core import packaged_models
+from swm_hub.core.calibration import KINDS, TextSource
+from swm_hub.core.errors import CorruptWeightsError, InvalidOptionError, OutputWriteError, UnknownModelError
+from swm_hub.core.options import MergeOptions
+from swm_hub.core.packaged_models import GEMMA3_NAME, cache_folder
+from swm_hub.runtime.loading import LoadedModel, pull, resolve_source
+from swm_hub.runtime.tracing import calibration_batches, trace_calibration
+from swm_hub.stages.evaluate import heldout_batches, perplexity
+from swm_hub.stages.merge import build_merged_model, plan_merge
 
 FAKE_PACKAGE = "swm_hub_tests_fake_gemma3_gguf"
 FAKE_FILE = "fake-gemma.gguf"

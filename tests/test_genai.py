@@ -21,13 +21,14 @@ from conftest import COMMON, TINY_CONFIGS, build_tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from swm_hub import cli, errors
-from swm_hub.architectures import ARCHITECTURES
-from swm_hub.bench import bench
-from swm_hub.exporters import export
-from swm_hub.exporters import genai as genai_module
-from swm_hub.exporters.genai import (
-    GenaiModel,
+from swm_hub import cli
+from swm_hub.core import errors
+from swm_hub.core.architectures import ARCHITECTURES
+from swm_hub.runtime.genai import GenaiModel
+from swm_hub.stages.bench import bench
+from swm_hub.stages.export import export
+from swm_hub.stages.export import genai as genai_module
+from swm_hub.stages.export.genai import (
     check_genai_support,
     export_genai,
     genai_exportable_model_types,

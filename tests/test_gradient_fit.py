@@ -10,12 +10,13 @@ import torch
 from conftest import TINY_CONFIGS
 from torch import nn
 
-from swm_hub.architectures import spec_for_config
-from swm_hub.consolidate import MERGE_RULES, combine_window
-from swm_hub.gradient_fit import GradientFitRecord, default_trained, gradient_refit
-from swm_hub.layer_parameters import norm_parameter_names
-from swm_hub.layer_trace import BatchTrace, decoder_layers, run_layers, trace_batch
-from swm_hub.pull import pull
+from swm_hub.core.architectures import spec_for_config
+from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.runtime.layer_trace import BatchTrace, decoder_layers, run_layers, trace_batch
+from swm_hub.runtime.loading import pull
+from swm_hub.stages.merge.gradient_fit import GradientFitRecord, default_trained, gradient_refit
+from swm_hub.stages.merge.layer_parameters import norm_parameter_names
+from swm_hub.stages.merge.rules import combine_window
 
 LOW, HIGH = 1, 3
 """The window: three inner layers of a six-layer model, kept by layer 1."""

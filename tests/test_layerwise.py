@@ -14,17 +14,18 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from swm_hub import devices, layerwise
-from swm_hub.analyze import analyze_model
-from swm_hub.calibration import TextSource
-from swm_hub.devices import choose_execution, resolve_device
-from swm_hub.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
-from swm_hub.evaluate import DROP_RULES, batch_losses, evaluate, streamed_losses
-from swm_hub.layerwise import activation_cache, trace_layerwise
-from swm_hub.merge import merge
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
-from swm_hub.pull import LoadedModel, pull
-from swm_hub.tracing import calibration_batches, trace_calibration
+from swm_hub.core import devices
+from swm_hub.core.calibration import TextSource
+from swm_hub.core.devices import choose_execution, resolve_device
+from swm_hub.core.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.runtime import layerwise
+from swm_hub.runtime.layerwise import activation_cache, trace_layerwise
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.tracing import calibration_batches, trace_calibration
+from swm_hub.stages.analyze import analyze_model
+from swm_hub.stages.evaluate import DROP_RULES, batch_losses, evaluate, streamed_losses
+from swm_hub.stages.merge import merge
 
 TARGET = 3
 LAYERWISE = ExecutionOptions(mode="layerwise")

@@ -14,20 +14,20 @@ from conftest import TINY_CONFIGS, TINY_LAYERS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from swm_hub import merge as merge_module
-from swm_hub.architectures import spec_for
-from swm_hub.atomic import is_marked, mark
-from swm_hub.errors import (
+from swm_hub.core.architectures import spec_for
+from swm_hub.core.atomic import is_marked, mark
+from swm_hub.core.errors import (
     ForeignOutputError,
     ImpossibleTargetError,
     InvalidOptionError,
     OutputExistsError,
     PlanMismatchError,
 )
-from swm_hub.merge import MergeResult, layers_to_remove, merge
-from swm_hub.options import METHODS, CalibrationOptions, MeasuredCuts, MergeOptions
-from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import LoadedModel, pull
+from swm_hub.core.options import METHODS, CalibrationOptions, MeasuredCuts, MergeOptions
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.stages import merge as merge_module
+from swm_hub.stages.merge import MergeResult, layers_to_remove, merge
 
 TARGET = 4
 
@@ -70,7 +70,7 @@ def forbid_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("calibration ran")
 
-    monkeypatch.setattr(importlib.import_module("swm_hub.tracing"), "trace_calibration", refuse)
+    monkeypatch.setattr(importlib.import_module("swm_hub.runtime.tracing"), "trace_calibration", refuse)
     monkeypatch.setattr(merge_module, "calibration_batches", refuse)
 
 
@@ -367,7 +367,7 @@ def test_a_cut_past_the_deepest_measured_win_is_warned_about(
     measured = {} if deepest is None else {"least-squares": MeasuredCuts("SmolLM2-135M", deepest)}
     monkeypatch.setitem(METHODS, "swm-fit", dataclasses.replace(METHODS["swm-fit"], measured=measured))
     options = MergeOptions(target_layers=TINY_LAYERS - 2, calibration=calibration)  # 2 of 6 removed: 33%
-    with caplog.at_level("WARNING", logger="swm_hub.merge"):
+    with caplog.at_level("WARNING", logger="swm_hub.stages.merge"):
         merge(llama, tmp_path / "out", options)
     past = [r.getMessage() for r in caplog.records if "past the deepest cut" in r.getMessage()]
     assert bool(past) == warned
@@ -388,7 +388,7 @@ def test_a_cut_where_a_loss_was_measured_is_warned_about(
     preset = dataclasses.replace(METHODS["swm-fit"], measured=measured)
     monkeypatch.setitem(METHODS, "swm-fit", preset)
     options = MergeOptions(target_layers=TINY_LAYERS - 2, calibration=calibration)  # 33%: inside the range
-    with caplog.at_level("WARNING", logger="swm_hub.merge"):
+    with caplog.at_level("WARNING", logger="swm_hub.stages.merge"):
         merge(llama, tmp_path / "out", options)
     assert [r.getMessage() for r in caplog.records if "lost on poetry" in r.getMessage()]
 
@@ -411,7 +411,7 @@ def test_gemma_is_warned_about_by_what_its_gradient_refit_measured(
         cuts["gradient"] = MeasuredCuts("Gemma 3 270M", 0.1)
     monkeypatch.setitem(METHODS, "swm-fit", dataclasses.replace(METHODS["swm-fit"], measured=cuts))
     gemma = pull(str(tiny_model_dir("gemma3_text")))
-    with caplog.at_level("WARNING", logger="swm_hub.merge"):
+    with caplog.at_level("WARNING", logger="swm_hub.stages.merge"):
         merge(gemma, tmp_path / "out", MergeOptions(target_layers=TINY_LAYERS - 1, calibration=calibration))
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning:")]
     assert len(messages) == 1 and warning in messages[0], messages

@@ -26,11 +26,15 @@ from hub_server import HUB_RELATIONS, metadata_errors
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from swm_hub import packaged_models
-from swm_hub.errors import ResultFileError, ResultFileVersionError, UnknownModelError
-from swm_hub.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, SIMILARITY_PNG
-from swm_hub.merge import merge
-from swm_hub.model_cards import (
+from swm_hub.core import packaged_models
+from swm_hub.core.errors import ResultFileError, ResultFileVersionError, UnknownModelError
+from swm_hub.core.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, SIMILARITY_PNG
+from swm_hub.core.options import CalibrationOptions, MergeOptions
+from swm_hub.results.evaluation import EvalReport, PerplexityRow
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.similarity import SimilarityReport
+from swm_hub.runtime.loading import pull
+from swm_hub.stages.card import (
     BASE_MODEL_RELATION,
     CARD_FILE,
     build_context,
@@ -41,11 +45,7 @@ from swm_hub.model_cards import (
     render_template,
     write_card,
 )
-from swm_hub.options import CalibrationOptions, MergeOptions
-from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import pull
-from swm_hub.results.evaluation import EvalReport, PerplexityRow
-from swm_hub.results.similarity import SimilarityReport
+from swm_hub.stages.merge import merge
 
 LAYERS = 6
 WINDOWS = [(1, 2), (3, 4)]  # 6 -> 4 layers

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from swm_hub.errors import PlanMismatchError
-from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.version import __version__
+from swm_hub.core.errors import PlanMismatchError
+from swm_hub.core.version import __version__
+from swm_hub.results.plan import PLAN_FILE, MergePlan
 
 
 def make_plan(**changes: Any) -> MergePlan:

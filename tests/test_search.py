@@ -8,15 +8,17 @@ import pytest
 import torch
 from conftest import TINY_LAYERS
 
-from swm_hub.checkpoint import build_model
-from swm_hub.config_rewrite import kept_layers, rewrite_config
-from swm_hub.errors import ImpossibleTargetError, InvalidOptionError
-from swm_hub.layer_trace import BatchTrace, flat_hidden
-from swm_hub.merge import merged_state_dict, search_context
-from swm_hub.options import CalibrationOptions
-from swm_hub.plan import MergePlan
-from swm_hub.pull import LoadedModel, pull
-from swm_hub.search import (
+from swm_hub.core.config_rewrite import kept_layers, rewrite_config
+from swm_hub.core.errors import ImpossibleTargetError, InvalidOptionError
+from swm_hub.core.options import CalibrationOptions
+from swm_hub.core.similarity import mean_cosine
+from swm_hub.results.plan import MergePlan
+from swm_hub.runtime.checkpoint import build_model
+from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.tracing import calibration_batches, trace_calibration
+from swm_hub.stages.merge import merged_state_dict, search_context
+from swm_hub.stages.merge.windows import (
     SCORES,
     Above,
     SearchContext,
@@ -24,8 +26,6 @@ from swm_hub.search import (
     WindowSearch,
     score_positions,
 )
-from swm_hub.similarity import mean_cosine
-from swm_hub.tracing import calibration_batches, trace_calibration
 
 SCORE_NAMES = ["influence", "angular", "cosine"]
 NOTHING = 0.999999

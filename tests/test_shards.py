@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from swm_hub.errors import CorruptWeightsError
-from swm_hub.shards import (
+from swm_hub.core.errors import CorruptWeightsError
+from swm_hub.core.shards import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointReader,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from swm_hub import similarity
-from swm_hub.errors import InvalidOptionError
-from swm_hub.similarity import (
+from swm_hub.core import similarity
+from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.similarity import (
     PAIRWISE_METRICS,
     angular_distance,
     io_redundancy,

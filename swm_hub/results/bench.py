@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swm_hub.errors import ResultFileError
-from swm_hub.files import BENCH_FILE
+from swm_hub.core.errors import ResultFileError
+from swm_hub.core.files import BENCH_FILE
 from swm_hub.results.schema import SCHEMA_KEY, check_schema, read_result, result_path
 
 SCHEMA_VERSION: int = 1

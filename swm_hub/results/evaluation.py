@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swm_hub.checkpoint import write_text_atomically
-from swm_hub.errors import ResultFileError
-from swm_hub.files import EVAL_FILE
+from swm_hub.core.atomic import write_text_atomically
+from swm_hub.core.errors import ResultFileError
+from swm_hub.core.files import EVAL_FILE
 from swm_hub.results.schema import SCHEMA_KEY, read_result, result_path
 
 SCHEMA_VERSION: int = 1

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from swm_hub.errors import ResultFileError, ResultFileVersionError
+from swm_hub.core.errors import ResultFileError, ResultFileVersionError
 
 SCHEMA_KEY: str = "schema_version"
 

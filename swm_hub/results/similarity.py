@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from swm_hub.errors import ResultFileError
-from swm_hub.files import SIMILARITY_JSON, SIMILARITY_PNG
+from swm_hub.core.errors import ResultFileError
+from swm_hub.core.files import SIMILARITY_JSON, SIMILARITY_PNG
 from swm_hub.results.schema import SCHEMA_KEY, read_result, result_path
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class SimilarityReport:
             The JSON path and the PNG path.
         """
         # Imported here: matplotlib is needed to draw the heatmap, not to read a report (the card, push).
-        from swm_hub.heatmap import save_heatmap
+        from swm_hub.results.heatmap import save_heatmap
 
         folder.mkdir(parents=True, exist_ok=True)
         json_path = folder / SIMILARITY_JSON

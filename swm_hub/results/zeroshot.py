@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from swm_hub.checkpoint import write_text_atomically
-from swm_hub.errors import ResultFileError
-from swm_hub.files import ZEROSHOT_FILE
+from swm_hub.core.atomic import write_text_atomically
+from swm_hub.core.errors import ResultFileError
+from swm_hub.core.files import ZEROSHOT_FILE
 from swm_hub.results.schema import SCHEMA_KEY, read_result, result_path
 
 SCHEMA_VERSION: int = 1

@@ -1,0 +1,111 @@
+"""Which device the model runs on, and whether it runs whole or one layer at a time.
+
+The choices are made once, from what the machine has, so that every stage sees the same answer and a
+request the machine cannot serve fails before any weights are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import psutil
+import torch
+
+from swm_hub.core.errors import DeviceUnavailableError, InvalidOptionError
+
+AUTO_MEMORY_SHARE: float = 0.5
+"""``--execution auto`` streams layers when the weights alone would take more than this share of free memory:
+calibration activations, the merged copy of a layer and the refit's normal equations need room beside them."""
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The precisions every command takes, by torch's names, which are also what the results record."""
+
+DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""The short spellings export and bench took before they shared this vocabulary; still accepted."""
+
+
+def dtype_name(value: str, flag: str = "--dtype", allowed: Sequence[str] = tuple(DTYPES)) -> str:
+    """The canonical name of a precision (an alias becomes its torch name), or an error naming the choices.
+
+    Args:
+        value: what the user gave.
+        flag: the option to name in the error.
+        allowed: the canonical names this command offers (a subset of ``DTYPES``, plus e.g. ``int4``).
+    """
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in allowed:
+        raise InvalidOptionError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    return name
+
+
+def resolve_device(requested: str) -> str:
+    """``cpu`` or ``cuda``; ``auto`` picks cuda when torch sees a GPU.
+
+    Raises:
+        DeviceUnavailableError: ``cuda`` was asked for and torch sees no GPU.
+    """
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            "cuda", "torch sees no CUDA GPU (a CPU build of torch, or no visible device): use --device cpu"
+        )
+    return requested
+
+
+OFFLOAD_TARGETS: tuple[str, ...] = ("cpu", "disk")
+"""Where accelerate's device map puts modules that fit on no GPU; their weights then live outside the model."""
+
+
+def whole_model_device_map(device: str) -> str:
+    """The ``device_map`` a whole-model load gets.
+
+    On CUDA, accelerate's ``auto`` spreads the layers over every visible GPU, and offloads to the CPU what
+    fits on none, so a model larger than one GPU still loads; on the CPU everything stays in RAM.
+    """
+    return "auto" if device == "cuda" else device
+
+
+def offloaded_modules(model: torch.nn.Module) -> list[str]:
+    """The modules accelerate offloaded when it spread ``model`` over the GPUs (none on a CPU run).
+
+    Their parameters sit on the meta device while their weights wait in accelerate's offload store: a
+    forward pass works, but nothing can read or save those weights from the model.
+    """
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return sorted(name for name, where in device_map.items() if where in OFFLOAD_TARGETS)
+
+
+def execution_device(device: str) -> torch.device:
+    """The one device a layer-wise run places each layer and its activations on."""
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory free for the model now: RAM on the CPU, the sum over visible GPUs on CUDA."""
+    if device == "cuda":
+        return sum(torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count()))
+    return int(psutil.virtual_memory().available)
+
+
+def choose_execution(mode: str, weight_bytes: Callable[[], int | None], device: str) -> str:
+    """``whole`` or ``layerwise``; ``auto`` streams only when the weights would crowd the memory.
+
+    Args:
+        mode: ``auto``, ``whole`` or ``layerwise``.
+        weight_bytes: gives the size of the weights at the run's precision, or None when they cannot be
+            streamed (a GGUF file), in which case ``auto`` loads the model whole; called only for ``auto``,
+            since it reads every safetensors header.
+        device: ``cpu`` or ``cuda`` (already resolved).
+    """
+    if mode != "auto":
+        return mode
+    size = weight_bytes()
+    if size is None:
+        return "whole"
+    return "layerwise" if size > AUTO_MEMORY_SHARE * free_memory_bytes(device) else "whole"

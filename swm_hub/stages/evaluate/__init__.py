@@ -1,0 +1,253 @@
+"""Perplexity on held-out text, and the plain layer-dropping baselines a merge has to beat.
+
+Baselines drop the same number of layers as the merge removed, chosen from the same calibration traces by
+the published rules: ShortGPT's Block Influence (drop the layers whose output is most like their input) and
+PruneMe's angular distance (drop the consecutive block whose input and output are closest). Like the merge,
+they never drop the first or the last layer, so both sides choose from the same layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from swm_hub.core.architectures import spec_for_config
+from swm_hub.core.calibration import TextSource, blocks_by_kind
+from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, check_block_length
+from swm_hub.core.similarity import io_redundancy, mean_cosine
+from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
+from swm_hub.runtime.layerwise import StreamedLayers, final_hidden_layerwise
+from swm_hub.runtime.loading import LoadedModel, pull_for
+from swm_hub.runtime.tracing import calibration_batches, traced_calibration
+
+EVAL_BATCH = 8
+DEFAULT_EXECUTION = ExecutionOptions()
+
+DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
+
+
+Loss = tuple[float, int]
+"""A batch's summed next-token negative log-likelihood and the number of tokens it predicted."""
+
+
+@torch.no_grad()
+def batch_losses(
+    model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, label: str = ""
+) -> list[Loss]:
+    """The next-token loss of every batch, kept apart so that blocks of different kinds can be told apart."""
+    device = next(model.parameters()).device
+    losses = []
+    for batch in tqdm(batches, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
+        ids = batch.to(device)
+        losses.append(_summed_loss(model(input_ids=ids, use_cache=False).logits, ids))
+    return losses
+
+
+def perplexity(
+    model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, label: str = ""
+) -> float:
+    """Exp of the mean next-token negative log-likelihood over every predicted token of every block."""
+    return _perplexity_of(batch_losses(model, batches, progress, label))
+
+
+@torch.no_grad()
+def streamed_losses(
+    model: PreTrainedModel,
+    layers: StreamedLayers,
+    batches: Sequence[torch.Tensor],
+    keep: Sequence[int] | None = None,
+    progress: bool = False,
+    label: str = "",
+) -> list[Loss]:
+    """``batch_losses`` of a layer-wise model, optionally with only the layers ``keep`` (all by default).
+
+    The layers run one at a time over every batch; the final norm and head then turn each batch's last
+    hidden state into logits.
+    """
+    kept = range(len(layers)) if keep is None else keep
+    desc = f"perplexity {label} (layer-wise)".replace("  ", " ")
+    finals = final_hidden_layerwise(model, layers, batches, kept, progress, desc)
+    head = LogitHead(model)
+    return [
+        _summed_loss(head(hidden), ids.to(hidden.device)) for hidden, ids in zip(finals, batches, strict=True)
+    ]
+
+
+def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> Loss:
+    """The summed next-token loss of a batch and the number of tokens it predicted."""
+    shifted = logits[:, :-1].float()
+    targets = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(nll), targets.numel()
+
+
+def _perplexity_of(losses: Sequence[Loss]) -> float:
+    """Weight every predicted token alike, however the tokens were split into batches."""
+    return math.exp(sum(loss for loss, _ in losses) / sum(count for _, count in losses))
+
+
+def drop_by_block_influence(traces: Sequence[BatchTrace], count: int) -> list[int]:
+    """ShortGPT: the ``count`` inner layers with the lowest 1 - cos(input, output)."""
+    layers = len(traces[0].hidden) - 1
+    influence = {
+        i: io_redundancy(flat_hidden(traces, i), flat_hidden(traces, i + 1)) for i in range(1, layers - 1)
+    }
+    return sorted(sorted(influence, key=influence.__getitem__)[:count])
+
+
+def drop_by_angular_distance(traces: Sequence[BatchTrace], count: int) -> list[int]:
+    """PruneMe: the block of ``count`` consecutive inner layers whose input and output are most alike."""
+    layers = len(traces[0].hidden) - 1
+    starts = range(1, layers - count)
+    best = max(starts, key=lambda s: mean_cosine(flat_hidden(traces, s), flat_hidden(traces, s + count)))
+    return list(range(best, best + count))
+
+
+DROP_RULES: Mapping[str, DropRule] = {
+    "drop-bi": drop_by_block_influence,
+    "drop-angular": drop_by_angular_distance,
+}
+
+
+def windows_for_dropped(dropped: Sequence[int]) -> list[tuple[int, int]]:
+    """Express dropped layers as windows kept by their lowest layer: a run a..b becomes (a - 1, b)."""
+    windows: list[tuple[int, int]] = []
+    for layer in sorted(dropped):
+        if windows and windows[-1][1] == layer - 1:
+            windows[-1] = (windows[-1][0], layer)
+        else:
+            windows.append((layer - 1, layer))
+    return windows
+
+
+@dataclass(frozen=True)
+class HeldoutBatches:
+    """Held-out blocks in batches that never mix kinds, so each kind's perplexity can be read off the losses."""
+
+    by_kind: dict[str, list[torch.Tensor]]
+
+    @property
+    def batches(self) -> list[torch.Tensor]:
+        return [batch for batches in self.by_kind.values() for batch in batches]
+
+    def row(
+        self, name: str, layers: int, losses: Sequence[Loss], dropped: Sequence[int] = ()
+    ) -> PerplexityRow:
+        """The table row of a model whose losses on ``batches`` (in their order) are ``losses``."""
+        remaining = iter(losses)
+        by_kind = {
+            kind: _perplexity_of([next(remaining) for _ in batches]) for kind, batches in self.by_kind.items()
+        }
+        return PerplexityRow(name, layers, _perplexity_of(losses), tuple(dropped), by_kind)
+
+
+def model_losses(
+    loaded: LoadedModel,
+    batches: Sequence[torch.Tensor],
+    progress: bool,
+    label: str,
+    skip: Collection[int] = (),
+) -> list[Loss]:
+    """``batch_losses`` of a pulled model, whole or layer-wise as it was pulled, with the layers ``skip`` left out.
+
+    A skipped layer passes its input on (or is never loaded, layer-wise) rather than being removed from a
+    copy of the model: no weights are copied, and a model spread over devices by accelerate keeps its
+    placement. Every other layer still gets the call arguments of its own position, so the result equals
+    the model saved without those layers.
+    """
+    if loaded.streamed is not None:
+        keep = [i for i in range(len(loaded.streamed)) if i not in skip]
+        return streamed_losses(loaded.model, loaded.streamed, batches, keep, progress, label)
+    spec = spec_for_config(loaded.model.config)
+    layers = decoder_layers(loaded.model, spec)
+    with passing_through([layers[i] for i in skip]):
+        return batch_losses(loaded.model, batches, progress, label)
+
+
+def evaluate(
+    model_dir: Path,
+    text: TextSource,
+    seq_len: int = 256,
+    blocks: int = 48,
+    baselines: Sequence[str] = tuple(DROP_RULES),
+    progress: bool = False,
+    base: LoadedModel | None = None,
+    execution: ExecutionOptions = DEFAULT_EXECUTION,
+) -> EvalReport:
+    """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
+
+    ``base`` saves loading the base model again when the caller already holds it (``compress --eval``).
+    Models are pulled as ``execution`` says; layer-wise, none of them is ever whole in memory. On the shipped
+    held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's perplexity.
+    """
+    plan = MergePlan.from_file(model_dir / PLAN_FILE)
+    unknown = sorted(set(baselines) - set(DROP_RULES))
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown baseline {', '.join(unknown)}; choose from {', '.join(DROP_RULES)} or none"
+        )
+    merged = pull_for(str(model_dir), None, execution)
+    check_block_length(merged.config, seq_len)
+    heldout = heldout_batches(merged.tokenizer, text, blocks, seq_len)
+    merged_row = heldout.row(
+        f"{MERGED_PREFIX}{plan.method}, {plan.merge} rule",
+        plan.layers_after,
+        model_losses(merged, heldout.batches, progress, "merged"),
+    )
+    del merged
+    base = base or pull_for(plan.model, plan.revision, execution)
+    base_row = heldout.row(
+        f"base: {base.source.display_name}",
+        plan.num_layers,
+        model_losses(base, heldout.batches, progress, "base"),
+    )
+    return EvalReport(
+        text=text.label,
+        blocks=blocks,
+        seq_len=seq_len,
+        rows=[base_row, merged_row, *_baseline_rows(base, plan, baselines, heldout, progress)],
+    )
+
+
+def _baseline_rows(
+    base: LoadedModel,
+    plan: MergePlan,
+    baselines: Sequence[str],
+    heldout: HeldoutBatches,
+    progress: bool,
+) -> list[PerplexityRow]:
+    """One row per drop rule, chosen from the calibration traces the merge itself was planned on."""
+    if not baselines:
+        return []
+    recorded = CalibrationOptions.recorded(plan.calibration, CalibrationOptions.batch_size)
+    calibration = calibration_batches(base.tokenizer, recorded)
+    rows = []
+    with traced_calibration(base, calibration, progress) as traces:
+        for rule in baselines:
+            dropped = DROP_RULES[rule](traces, plan.removed)
+            losses = model_losses(base, heldout.batches, progress, rule, skip=dropped)
+            rows.append(heldout.row(rule, plan.layers_after, losses, dropped))
+    return rows
+
+
+def heldout_batches(tokenizer: Any, text: TextSource, blocks: int, seq_len: int) -> HeldoutBatches:
+    """``blocks`` held-out blocks shared evenly by the kinds of ``text``, in batches of ``EVAL_BATCH``."""
+    return HeldoutBatches(
+        {
+            kind: [ids[start : start + EVAL_BATCH] for start in range(0, ids.shape[0], EVAL_BATCH)]
+            for kind, ids in blocks_by_kind(tokenizer, text, blocks, seq_len).items()
+        }
+    )

@@ -1,0 +1,774 @@
+"""The heal stage: win back what merging lost, by distilling the original model into the compressed one.
+
+LoRA adapters (PEFT) on the compressed model, the student, are trained so that its next-token
+distributions match those of the original model, the teacher (the base model ``swm_plan.json`` names):
+KL(teacher || student) at temperature 1, plus, with ``hidden_weight``, the MSE between the student's and
+the teacher's hidden states where each merged window ends (relative to the teacher's mean square there).
+The training text is the calibration text of the plan, or a file the user gives; never the held-out text
+the evaluation measures on. At the end the adapters are merged into the weights, so the healed folder is a
+plain model that loads with ``AutoModelForCausalLM`` and exports as any other.
+
+By default every decoder layer gets adapters: the layers around a merged window read inputs that changed
+too, and on SmolLM2 at 9 of 30 removed this healed the merged model clearly better than adapting only the
+consolidated layers at the same budget (README, heal). ``modules="merged"`` adapts only the consolidated
+layers (the lowest layer of each merged window, in the compressed model's numbering), the layers that now
+do the work of several. The loop itself (``training``) runs under ``accelerate``: ``accelerate launch -m
+swm_hub.cli heal ...`` trains data-parallel on several GPUs with the same code a CPU run uses.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from swm_hub.core.architectures import spec_for_config
+from swm_hub.core.calibration import TextSource
+from swm_hub.core.errors import (
+    CalibrationDataError,
+    InvalidMergeError,
+    InvalidOptionError,
+    MissingDependencyError,
+    UnknownModelError,
+)
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
+from swm_hub.core.version import __version__
+from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.runtime.checkpoint import build_skeleton, output_folder, save_model_folder, verify_folder_loads
+from swm_hub.runtime.layer_trace import decoder_layers
+from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.tracing import calibration_batches
+from swm_hub.stages.card import write_card
+from swm_hub.stages.heal.compare import HealComparer
+from swm_hub.stages.heal.teacher import (
+    CacheLayout,
+    MemoryTeacher,
+    block_fingerprint,
+    build_cache,
+    choose_teacher_cache,
+    complete_cache,
+    estimate_memory,
+    open_cache,
+)
+from swm_hub.stages.heal.training import (
+    CheckpointStore,
+    HealInterrupted,
+    StepReport,
+    Teacher,
+    TrainingLog,
+    TrainingPlan,
+    train,
+)
+from swm_hub.stages.merge import calibration_of
+
+__all__ = [
+    "ADAPTER_FOLDER",
+    "HEAL_HELP",
+    "HealInterrupted",
+    "HealOptions",
+    "HealRequest",
+    "HealResult",
+    "StepReport",
+    "checkpoint_folder",
+    "consolidated_positions",
+    "heal",
+    "heal_into",
+    "heal_model",
+]
+
+ADAPTER_FOLDER = "adapter"
+CACHE_FOLDER = "teacher-cache"
+MODULE_CHOICES: tuple[str, ...] = ("merged", "all")
+TEACHER_CACHE_MODES: tuple[str, ...] = ("auto", "memory", "disk")
+PEFT_INSTALL = 'pip install "swm-hub[heal]"'
+
+HEAL_HELP: dict[str, str] = {
+    "tokens": "training budget in tokens (steps = tokens // (batch size x sequence length))",
+    "rank": "LoRA rank of each adapter",
+    "alpha": "LoRA alpha (the adapter's output is scaled by alpha / rank)",
+    "lr": "peak learning rate (AdamW; linear warm-up over the first 5% of the steps, then cosine decay)",
+    "modules": "which layers get adapters: all (every decoder layer) or merged (the consolidated layer of each "
+    "merged window)",
+    "seq_len": "tokens per training block",
+    "batch_size": "training blocks per optimizer step, over all processes together",
+    "seed": "seed of the adapters' initialisation and of the order of the training blocks",
+    "hidden_weight": "weight of the hidden-state MSE at each merged window's boundary, beside the KL (0: KL only)",
+    "checkpoint_every": "write a checkpoint every this many steps (0: only when interrupted and at the end)",
+    "teacher_cache": "where the original model's outputs come from: memory (the model beside the student), disk "
+    "(its top-k log-probabilities computed once and stored in the checkpoint folder, then the model freed) or "
+    "auto (memory when both models fit on the device)",
+    "top_k": "with the disk cache: teacher probabilities kept per position (the rest of the mass is one bucket)",
+    "device": "where the models train: cpu, cuda (one GPU per process: run several with accelerate launch) "
+    "or auto (cuda when a GPU is visible)",
+    "calib": "training text, a plain-text or JSONL file (a 'text' field per line); default: the plan's "
+    "calibration text",
+}
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    """How to heal: the budget, the adapters, the optimisation, and where the teacher's outputs come from."""
+
+    tokens: int = 200_000
+    rank: int = 8
+    alpha: int = 16
+    lr: float = 2e-4
+    modules: str = "all"
+    seq_len: int = 256
+    batch_size: int = 4
+    seed: int = 0
+    hidden_weight: float = 0.0
+    checkpoint_every: int = 50
+    teacher_cache: str = "auto"
+    top_k: int = 64
+    calib: Path | None = None
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+
+    def __post_init__(self) -> None:
+        self._check_counts()
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidOptionError(f"--lr must be a finite number above 0, got {self.lr}")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise InvalidOptionError(
+                f"--hidden-weight must be a finite number of at least 0, got {self.hidden_weight}"
+            )
+        for flag, choice, allowed in (
+            ("--modules", self.modules, MODULE_CHOICES),
+            ("--teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES),
+        ):
+            if choice not in allowed:
+                raise InvalidOptionError(f"{flag} must be one of {', '.join(allowed)}, got {choice!r}")
+        if self.execution.mode == "layerwise":
+            raise InvalidOptionError(
+                "heal trains the compressed model in memory, so --execution layerwise does not apply to it; "
+                "on a model larger than the device, --teacher-cache disk keeps only the student there"
+            )
+
+    def _check_counts(self) -> None:
+        for flag, value, least in (
+            ("--tokens", self.tokens, 1),
+            ("--rank", self.rank, 1),
+            ("--alpha", self.alpha, 1),
+            ("--seq-len", self.seq_len, 8),
+            ("--batch-size", self.batch_size, 1),
+            ("--seed", self.seed, 0),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--top-k", self.top_k, 1),
+        ):
+            if value < least:
+                raise InvalidOptionError(f"{flag} must be at least {least}, got {value}")
+        step = self.batch_size * self.seq_len
+        if self.tokens < step:
+            raise InvalidOptionError(
+                f"--tokens {self.tokens} is less than one step ({self.batch_size} blocks x {self.seq_len} "
+                f"tokens = {step}): raise --tokens or lower --batch-size/--seq-len"
+            )
+
+    @property
+    def steps(self) -> int:
+        """Whole steps within the budget: the budget is a ceiling, never exceeded."""
+        return self.tokens // (self.batch_size * self.seq_len)
+
+    def record(self) -> dict[str, Any]:
+        """The options as the plan records them (JSON values; the text and device are recorded apart)."""
+        raw = asdict(self)
+        raw.pop("execution")
+        raw.pop("calib")
+        return raw
+
+
+@dataclass(frozen=True)
+class HealResult:
+    """What a heal did: its record (the one added to the plan) and where the healed model is."""
+
+    output_dir: Path | None
+    plan: MergePlan
+    record: dict[str, Any]
+
+    @property
+    def loss(self) -> dict[str, Any]:
+        return dict(self.record["loss"])
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.record["tokens_per_s"])
+
+    def lines(self) -> list[str]:
+        """The summary the CLI prints."""
+        record, loss = self.record, self.loss
+        resumed = f", resumed at step {record['resumed_at']}" if record.get("resumed_at") is not None else ""
+        return [
+            f"healed {record['adapted_modules']} modules ({record['trainable_parameters']:,} LoRA parameters, "
+            f"teacher {record['teacher_cache']}) on {record['tokens_seen']:,} tokens in {record['steps']} steps"
+            f"{resumed}",
+            f"loss {loss['first']:.4f} -> {loss['last']:.4f} (min {loss['min']:.4f}); "
+            f"{record['seconds']:.1f} s, {record['tokens_per_s']:.0f} tokens/s",
+        ]
+
+
+# --- public entry points ------------------------------------------------------------------------------------
+
+
+def checkpoint_folder(out: Path) -> Path:
+    """Where the checkpoints of a heal into ``out`` go: a hidden folder beside it, kept until the output is in place."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.heal-checkpoint"
+
+
+def heal(
+    folder: Path,
+    out: Path | None = None,
+    options: HealOptions | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    keep_adapter: bool = False,
+    progress: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+    compare: bool = False,
+    heldout: Path | None = None,
+) -> HealResult:
+    """Heal the compressed model in ``folder`` into a new folder ``out`` (default: ``FOLDER-healed``).
+
+    The output is written like every output (a temporary folder beside ``out``, moved into place once). The
+    checkpoints go into ``checkpoint_folder(out)`` and are deleted once the output is in place. Under
+    ``accelerate launch`` every process trains and the main one writes; the others return a result
+    without ``output_dir``. With ``compare``, the block-influence drop baseline is healed the same way and
+    held-out perplexity before and after healing (on ``heldout``, default the shipped held-out split, in
+    blocks of the training length) is saved as ``heal.json`` (see ``compare``).
+
+    Raises:
+        HealInterrupted: Ctrl-C stopped the training; run again with ``resume=True``.
+    """
+    options = options or HealOptions()
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder.with_name(f"{folder.name}-healed")
+    plan = read_plan(folder)
+    _require_peft()
+    if compare and options.teacher_cache == "disk":
+        raise InvalidOptionError(
+            "--compare measures the base model and heals a drop baseline from it, so it needs the base model in "
+            "memory: drop --teacher-cache disk, or drop --compare"
+        )
+    store_folder = checkpoint_folder(out)
+    refuse_checkpoint_state(store_folder, resume)
+    check_block_length(AutoConfig.from_pretrained(folder), options.seq_len)
+    protected = [path for path in (folder, Path(plan.model).expanduser()) if path.exists()]
+    main = bool(make_accelerator(options.execution).is_main_process)
+    with output_folder(out, overwrite, protected=protected) if main else nullcontext(None) as temp:
+        student, teacher = _load_models(folder, plan, options, store_folder, resume, progress, compare)
+        original = teacher.model if isinstance(teacher, LoadedModel) else teacher
+
+        def heal_student(model: PreTrainedModel, model_plan: MergePlan) -> tuple[PreTrainedModel, HealResult]:
+            adapter = temp / ADAPTER_FOLDER if keep_adapter and temp is not None else None
+            return heal_model(
+                model,
+                original,
+                model_plan,
+                student.tokenizer,
+                options,
+                store_folder=store_folder,
+                resume=resume,
+                progress=progress,
+                on_step=on_step,
+                adapter_dir=adapter,
+                adapter_base=folder.absolute().name,  # a name, not the user's path: the folder may be pushed
+            )
+
+        if compare and isinstance(teacher, LoadedModel):
+
+            def heal_baseline(
+                model: PreTrainedModel, model_plan: MergePlan
+            ) -> tuple[PreTrainedModel, HealResult]:
+                return heal_model(
+                    model, teacher.model, model_plan, student.tokenizer, options, progress=progress
+                )
+
+            comparer = HealComparer(
+                teacher, TextSource(path=heldout, split="heldout"), seq_len=options.seq_len, progress=progress
+            )
+            healed, result, comparison = comparer.compare(
+                plan, student.model, options.tokens, heal_student, heal_baseline
+            )
+            if temp is not None:
+                comparison.save(temp)
+        else:
+            healed, result = heal_student(student.model, plan)
+        if temp is not None:
+            write_healed(healed, student, result.plan, temp)
+            write_card(temp, name=out.name)
+    make_accelerator(options.execution).wait_for_everyone()
+    if not main:
+        return result
+    CheckpointStore(store_folder, {}).remove()
+    return replace(result, output_dir=out)
+
+
+@dataclass(frozen=True)
+class HealRequest:
+    """How ``compress --heal`` heals what it merged, before the evaluation, the export and the card."""
+
+    options: HealOptions = field(default_factory=HealOptions)
+    resume: bool = False
+    keep_adapter: bool = False
+
+    def check(self, out: Path, execution: ExecutionOptions) -> None:
+        """What can be refused before the merge: no peft, layer-wise execution, a checkpoint in the way."""
+        _require_peft()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InvalidOptionError(
+                "compress --heal runs in one process, not under accelerate launch: run compress without --heal "
+                f"(one process), then heal its output with `accelerate launch -m swm_hub heal {out}`"
+            )
+        if execution.mode == "layerwise":
+            raise InvalidOptionError(
+                "--heal trains with the base model whole in memory as the teacher: drop --execution layerwise, "
+                "or compress layer-wise and heal the result with `swm-hub heal --teacher-cache disk`"
+            )
+        refuse_checkpoint_state(checkpoint_folder(out), self.resume)
+
+    def run(self, folder: Path, teacher: LoadedModel, out: Path, progress: bool) -> HealResult:
+        """Heal the merged model in ``folder`` (compress's temporary folder), checkpointing beside ``out``."""
+        return heal_into(
+            folder, teacher, self.options, checkpoint_folder(out), self.resume, progress, self.keep_adapter
+        )
+
+    def finish(self, out: Path) -> None:
+        """Once ``out`` is in place, its checkpoints are no longer needed."""
+        CheckpointStore(checkpoint_folder(out), {}).remove()
+
+
+def heal_into(
+    folder: Path,
+    teacher: LoadedModel,
+    options: HealOptions,
+    store_folder: Path,
+    resume: bool = False,
+    progress: bool = False,
+    keep_adapter: bool = False,
+) -> HealResult:
+    """Heal the model ``compress`` just wrote into its temporary ``folder``, in place, with the base model it holds.
+
+    The caller moves ``folder`` into place and then deletes ``store_folder``.
+    """
+    _require_peft()
+    if teacher.streamed is not None:
+        raise InvalidOptionError(
+            "--heal needs the base model whole in memory as the teacher, and it was loaded layer-wise: pass "
+            "--execution whole, or heal the compressed folder with `swm-hub heal --teacher-cache disk`"
+        )
+    plan = read_plan(folder)
+    execution = replace(options.execution, mode="whole")
+    student = pull(str(folder), dtype=execution.torch_dtype, device="cpu", execution="whole")
+    refuse_checkpoint_state(store_folder, resume)
+    healed, result = heal_model(
+        student.model,
+        teacher.model,
+        plan,
+        teacher.tokenizer,
+        options,
+        store_folder=store_folder,
+        resume=resume,
+        progress=progress,
+        adapter_dir=folder / ADAPTER_FOLDER if keep_adapter else None,
+    )
+    _remove_weights(folder)
+    write_healed(healed, student, result.plan, folder)
+    return replace(result, output_dir=folder)
+
+
+def heal_model(
+    student: PreTrainedModel,
+    teacher: nn.Module | Teacher,
+    plan: MergePlan,
+    tokenizer: Any,
+    options: HealOptions,
+    store_folder: Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+    adapter_dir: Path | None = None,
+    adapter_base: str | None = None,
+) -> tuple[PreTrainedModel, HealResult]:
+    """Heal ``student`` (the compressed model of ``plan``) against ``teacher``; return it merged, and the record.
+
+    ``teacher`` is the original model (kept in memory, or turned into a disk cache first when
+    ``options.teacher_cache`` says ``disk``) or a ready ``Teacher``. ``student`` is changed in place: the
+    returned model shares its weights, with the adapters merged into them.
+    """
+    accelerator = make_accelerator(options.execution)
+    blocks, text = training_blocks(tokenizer, plan, options)
+    boundaries = window_boundaries(plan)
+    hidden_layers = (
+        tuple(teacher_layer for _, teacher_layer in boundaries) if options.hidden_weight > 0 else ()
+    )
+    mode, source = _teacher_source(
+        teacher, student, plan, blocks, hidden_layers, options, accelerator, store_folder, progress
+    )
+    names = adapted_module_names(student, plan, options.modules)
+    if isinstance(teacher, nn.Module):
+        unshare_adapted(student, teacher, names)
+    peft_model = add_adapters(student.to(accelerator.device), names, options)
+    training = TrainingPlan(
+        steps=options.steps,
+        batch_size=_per_step_blocks(options, accelerator),
+        lr=options.lr,
+        seed=options.seed,
+        hidden_weight=options.hidden_weight,
+        checkpoint_every=options.checkpoint_every,
+        boundaries=boundaries,
+    )
+    identity = _run_identity(plan, options, mode, text, blocks)
+    store = CheckpointStore(store_folder, identity) if store_folder is not None else None
+    log = train(peft_model, source, blocks, training, accelerator, store, resume, progress, on_step)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if adapter_dir is not None and accelerator.is_main_process:
+        _save_adapter(peft_model, adapter_dir, adapter_base)
+    healed: PreTrainedModel = peft_model.merge_and_unload()
+    healed.train(False)
+    healed.requires_grad_(False)
+    record = heal_record(plan, options, log, text, blocks, mode, len(names), trainable, accelerator)
+    return healed, HealResult(output_dir=None, plan=replace(plan, heal=record), record=record)
+
+
+# --- the pieces -------------------------------------------------------------------------------------------------
+
+
+def read_plan(folder: Path) -> MergePlan:
+    path = Path(folder) / PLAN_FILE
+    if not path.is_file():
+        raise UnknownModelError(
+            str(folder), f"it has no {PLAN_FILE}: give a folder written by `swm-hub compress`"
+        )
+    return MergePlan.from_file(path)
+
+
+def refuse_checkpoint_state(store_folder: Path, resume: bool) -> None:
+    """A checkpoint means an interrupted run: resume it or remove it on purpose, never overwrite it silently."""
+    store = CheckpointStore(store_folder, {})
+    if resume and not store.exists():
+        raise InvalidOptionError(
+            f"--resume: there is no heal checkpoint in {store_folder}; run without --resume"
+        )
+    if not resume and store.exists():
+        raise InvalidOptionError(
+            f"an interrupted heal left a checkpoint in {store_folder} (step {store.saved_step()}): pass --resume "
+            "to continue it, or delete that folder to start again"
+        )
+
+
+def make_accelerator(execution: ExecutionOptions) -> Any:
+    """The run's ``Accelerator``: one process here, or the processes of ``accelerate launch``."""
+    from accelerate import Accelerator
+
+    from swm_hub.core.devices import resolve_device
+
+    return Accelerator(cpu=resolve_device(execution.device) == "cpu")
+
+
+def _per_step_blocks(options: HealOptions, accelerator: Any) -> int:
+    world = int(accelerator.num_processes)
+    if options.batch_size % world:
+        raise InvalidOptionError(
+            f"--batch-size {options.batch_size} does not split over {world} processes: use a multiple of {world}"
+        )
+    return options.batch_size
+
+
+def training_calibration(plan: MergePlan, options: HealOptions, samples: int) -> CalibrationOptions:
+    """The text to train on: ``options.calib``, or the text the plan was calibrated on (never the held-out text)."""
+    if options.calib is not None:
+        return CalibrationOptions(
+            text=options.calib, samples=samples, seq_len=options.seq_len, batch_size=samples
+        )
+    recorded = calibration_of(plan, MergeOptions())
+    return replace(recorded, samples=samples, seq_len=options.seq_len, batch_size=samples)
+
+
+def training_blocks(tokenizer: Any, plan: MergePlan, options: HealOptions) -> tuple[torch.Tensor, str]:
+    """Distinct blocks for the budget: as many as it uses, or as many as the text holds (then reused by epoch).
+
+    The text's size is found by asking for blocks: the largest count it can give, by bisection.
+    """
+    wanted = options.steps * options.batch_size
+
+    def blocks_of(count: int) -> torch.Tensor | None:
+        try:
+            return torch.cat(calibration_batches(tokenizer, training_calibration(plan, options, count)))
+        except CalibrationDataError:
+            return None
+
+    found = blocks_of(wanted)
+    if found is None:
+        low, high, found = 0, wanted, None
+        while high - low > 1:
+            middle = (low + high) // 2
+            attempt = blocks_of(middle)
+            if attempt is None:
+                high = middle
+            else:
+                low, found = middle, attempt
+        if found is None:  # not even one block: let the text's own error say why
+            calibration_batches(tokenizer, training_calibration(plan, options, 1))
+            raise CalibrationDataError("the training text gives no block")  # pragma: no cover
+    return found, _text_label(plan, options)
+
+
+def _text_label(plan: MergePlan, options: HealOptions) -> str:
+    return str(options.calib.resolve()) if options.calib is not None else str(plan.calibration["text"])
+
+
+def consolidated_positions(windows: Sequence[tuple[int, int]]) -> list[int]:
+    """The compressed model's layer number of each window's consolidated layer (its lowest layer)."""
+    positions, removed = [], 0
+    for low, high in windows:
+        positions.append(low - removed)
+        removed += high - low
+    return positions
+
+
+def window_boundaries(plan: MergePlan) -> tuple[tuple[int, int], ...]:
+    """(student layer, teacher layer) pairs: each consolidated layer's output should be its window's output."""
+    positions = consolidated_positions(plan.windows)
+    return tuple((position, high) for position, (_, high) in zip(positions, plan.windows, strict=True))
+
+
+def adapted_module_names(model: nn.Module, plan: MergePlan, modules: str) -> list[str]:
+    """The linear layers that get adapters, by full module name (PEFT matches them exactly)."""
+    spec = spec_for_config(model.config)
+    layers = decoder_layers(model, spec)
+    positions = consolidated_positions(plan.windows) if modules == "merged" else range(len(layers))
+    return [
+        f"{spec.layers_path}.{position}.{name}"
+        for position in positions
+        for name, module in layers[position].named_modules()
+        if isinstance(module, nn.Linear | Conv1D)
+    ]
+
+
+def unshare_adapted(student: nn.Module, teacher: nn.Module, names: Sequence[str]) -> None:
+    """Give adapted modules weights of their own where they share the teacher's tensors.
+
+    A merged model built in memory shares every tensor it kept with the model it came from, and merging
+    the adapters writes into the adapted weights: without copies, the teacher would change with it.
+    """
+    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    for name in names:
+        module = student.get_submodule(name)
+        for attribute, parameter in list(module.named_parameters(recurse=False)):
+            if parameter.untyped_storage().data_ptr() in teacher_storage:
+                setattr(module, attribute, nn.Parameter(parameter.detach().clone(), requires_grad=False))
+
+
+def add_adapters(model: nn.Module, names: Sequence[str], options: HealOptions) -> Any:
+    """The model with LoRA adapters on ``names``, initialised from ``options.seed`` (no dropout: deterministic)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=0.0,
+        target_modules=list(names),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(options.seed)
+    return get_peft_model(model, config)
+
+
+def _save_adapter(peft_model: Any, folder: Path, base: str | None) -> None:
+    """The adapter in PEFT's own format; it applies to the compressed model before healing."""
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = base
+    peft_model.save_pretrained(folder, save_embedding_layers=False)  # no embedding is ever adapted
+
+
+def _teacher_source(
+    teacher: nn.Module | Teacher,
+    student: PreTrainedModel,
+    plan: MergePlan,
+    blocks: torch.Tensor,
+    hidden_layers: tuple[int, ...],
+    options: HealOptions,
+    accelerator: Any,
+    store_folder: Path | None,
+    progress: bool,
+) -> tuple[str, Teacher]:
+    """The teacher as the run uses it: in memory, or through a disk cache built from it now (or found ready)."""
+    if not isinstance(teacher, nn.Module):
+        return "disk", teacher
+    mode = "memory" if options.teacher_cache == "auto" else options.teacher_cache
+    if mode == "memory":
+        return mode, MemoryTeacher(teacher.to(accelerator.device), hidden_layers)
+    layout = cache_layout(student, blocks, hidden_layers, options)
+    with _cache_folder(store_folder) as folder:
+        return "disk", build_cache(teacher, blocks, layout, folder, accelerator, options.batch_size, progress)
+
+
+@contextmanager
+def _cache_folder(store_folder: Path | None) -> Iterator[Path]:
+    """The cache lives in the checkpoint folder, or in a temporary folder when a run keeps no checkpoints."""
+    if store_folder is not None:
+        yield store_folder / CACHE_FOLDER
+        return
+    with tempfile.TemporaryDirectory(prefix="swm-hub-heal-cache-") as temp:
+        yield Path(temp)
+
+
+def cache_layout(
+    student: nn.Module, blocks: torch.Tensor, hidden_layers: tuple[int, ...], options: HealOptions
+) -> CacheLayout:
+    config: Any = getattr(student, "config")  # noqa: B009
+    text_config = config.get_text_config()
+    return CacheLayout(
+        blocks=int(blocks.shape[0]),
+        seq_len=int(blocks.shape[1]),
+        top_k=min(options.top_k, int(text_config.vocab_size)),
+        hidden_layers=hidden_layers,
+        hidden_size=int(text_config.hidden_size),
+        fingerprint=block_fingerprint(blocks),
+    )
+
+
+def _run_identity(
+    plan: MergePlan, options: HealOptions, mode: str, text: str, blocks: torch.Tensor
+) -> dict[str, Any]:
+    """Everything a resumed run must share with the interrupted one for the two to make one run."""
+    record = options.record()
+    record.pop("checkpoint_every")
+    record.pop("teacher_cache")
+    if mode != "disk":
+        record.pop("top_k")
+    return {
+        "model": plan.model,
+        "windows": [list(window) for window in plan.windows],
+        "merge": plan.merge,
+        "text": text,
+        "blocks": block_fingerprint(blocks),
+        "teacher": mode,
+        "dtype": options.execution.dtype,
+        **record,
+    }
+
+
+def heal_record(
+    plan: MergePlan,
+    options: HealOptions,
+    log: TrainingLog,
+    text: str,
+    blocks: torch.Tensor,
+    mode: str,
+    adapted: int,
+    trainable: int,
+    accelerator: Any,
+) -> dict[str, Any]:
+    """What the plan records of the heal: budget, options, text, seed, loss curve summary and speed."""
+    record: dict[str, Any] = {
+        "teacher": plan.model,
+        "tokens": options.tokens,
+        "tokens_seen": log.tokens,
+        "steps": log.step,
+        "seed": options.seed,
+        "options": options.record(),
+        "text": text,
+        "blocks": int(blocks.shape[0]),
+        "teacher_cache": mode,
+        "adapted_modules": adapted,
+        "trainable_parameters": trainable,
+        "loss": log.summary(),
+        "seconds": round(log.seconds, 3),
+        "tokens_per_s": round(log.tokens / max(log.seconds, 1e-9), 1),
+        "processes": int(accelerator.num_processes),
+        "dtype": options.execution.dtype,
+        "resumed_at": log.resumed_at,
+        "swm_hub_version": __version__,
+    }
+    if plan.heal is not None:
+        record["previous"] = plan.heal
+    return record
+
+
+# --- loading and writing ----------------------------------------------------------------------------------------
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise MissingDependencyError("peft", PEFT_INSTALL) from error
+
+
+def _load_models(
+    folder: Path,
+    plan: MergePlan,
+    options: HealOptions,
+    store_folder: Path,
+    resume: bool,
+    progress: bool,
+    teacher_in_memory: bool,
+) -> tuple[LoadedModel, LoadedModel | Teacher]:
+    """The student and the teacher, in the order that keeps the fewest bytes in memory at once.
+
+    With the disk cache the teacher runs (or its finished cache is found) before the student is loaded,
+    and is freed before the student comes in; otherwise both are loaded.
+    """
+    dtype = options.execution.torch_dtype
+    accelerator = make_accelerator(options.execution)
+    skeleton = build_skeleton(AutoConfig.from_pretrained(folder).to_dict(), dtype)
+    estimate = estimate_memory(skeleton, plan.num_layers, dtype, options.batch_size, options.seq_len)
+    mode = choose_teacher_cache(options.teacher_cache, estimate, accelerator.device)
+    if mode == "memory" or teacher_in_memory:
+        student = pull(str(folder), dtype=dtype, device="cpu")
+        return student, pull(plan.model, plan.revision, dtype=dtype, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    blocks, _ = training_blocks(tokenizer, plan, options)
+    hidden_layers = tuple(high for _, high in window_boundaries(plan)) if options.hidden_weight > 0 else ()
+    layout = cache_layout(skeleton, blocks, hidden_layers, options)
+    cache_dir = store_folder / CACHE_FOLDER
+    if not (resume and complete_cache(cache_dir, layout)):
+        CheckpointStore(store_folder, {}).create()
+        original = pull(plan.model, plan.revision, dtype=dtype, device="cpu").model
+        build_cache(
+            original.to(accelerator.device),
+            blocks,
+            layout,
+            cache_dir,
+            accelerator,
+            options.batch_size,
+            progress,
+        )
+        del original
+        gc.collect()
+    return pull(str(folder), dtype=dtype, device="cpu"), open_cache(cache_dir, layout)
+
+
+def _remove_weights(folder: Path) -> None:
+    """Unlink the unhealed weights before the healed ones are written under the same names.
+
+    The student was loaded from these files, which may still be mapped into memory: writing over the same
+    inode would change tensors under the model's feet, while an unlinked file lives on until unmapped.
+    """
+    for path in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
+        path.unlink()
+
+
+def write_healed(healed: PreTrainedModel, student: LoadedModel, plan: MergePlan, folder: Path) -> None:
+    """Save the healed model (in the precision the compressed one was saved in) with its plan, and check it loads."""
+    nn.Module.to(healed, device="cpu", dtype=student.save_dtype)
+    for name, tensor in healed.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidMergeError(
+                f"healing made the tensor {name} NaN or infinite: nothing was written; try a lower --lr"
+            )
+    save_model_folder(healed, student.tokenizer, folder, extra_files={PLAN_FILE: plan.to_json()})
+    verify_folder_loads(folder, plan.layers_after)
