@@ -16,7 +16,7 @@ from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.checkpoint import output_folder
 from swm_hub.runtime.loading import pull_for
 from swm_hub.stages.analyze import analyze_model
-from swm_hub.stages.card import write_card
+from swm_hub.stages.card import render_card, write_card
 from swm_hub.stages.evaluate import evaluate
 from swm_hub.stages.export import export
 from swm_hub.stages.heal import HealRequest
@@ -137,4 +137,5 @@ class PushRequest:
             create_pr=self.create_pr,
             commit_message=self.commit_message,
             dry_run=self.dry_run,
+            card=render_card,
         )

@@ -23,7 +23,6 @@ NOT_YET_THROUGH_THE_PIPELINE: frozenset[tuple[str, str]] = frozenset(
             "merge",
         ),  # the healed-drop comparison builds the dropped model and reads the plan's calibration
         ("heal", "evaluate"),  # ... and measures it with evaluate's per-kind perplexity
-        ("push", "card"),  # push renders the card for the repository it uploads to
     }
 )
 """Stage-to-stage imports left from before the layering, each to go through the pipeline (issue #15).

@@ -31,7 +31,7 @@ from swm_hub.core.errors import ResultFileError, ResultFileVersionError, Unknown
 from swm_hub.core.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, SIMILARITY_PNG
 from swm_hub.core.options import CalibrationOptions, MergeOptions
 from swm_hub.results.evaluation import EvalReport, PerplexityRow
-from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.loading import pull
 from swm_hub.stages.card import (
@@ -39,7 +39,6 @@ from swm_hub.stages.card import (
     CARD_FILE,
     build_context,
     card_metadata,
-    default_repo_name,
     render_card,
     render_context,
     render_template,

@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,17 +36,23 @@ from swm_hub.core.errors import (
     UnknownModelError,
 )
 from swm_hub.core.options import CalibrationOptions, MergeOptions
-from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.push import PushResult
 from swm_hub.runtime.loading import pull
-from swm_hub.stages.card import CARD_FILE, default_repo_name, render_card, write_card
+from swm_hub.stages.card import CARD_FILE, render_card, write_card
 from swm_hub.stages.merge import merge
-from swm_hub.stages.push import program_name, push, retry_command, upload_files
+from swm_hub.stages.push import program_name, retry_command, upload_files
+from swm_hub.stages.push import push as push_stage
 
 TOKEN = "hf_test_secret_token_123"
 READ_TOKEN = "hf_test_read_only_token_456"
 USER = "tester"
 LOGGERS = ("huggingface_hub", "swm_hub", "httpx", "httpx2", "httpcore", "httpcore2", "hub_server")
+
+
+def push(folder: Path, **options: Any) -> PushResult:
+    """The push stage with the card renderer the pipeline gives it."""
+    return push_stage(folder, card=render_card, **options)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
@@ -261,6 +268,18 @@ def assert_failed_cleanly(
     assert "the local folder is unchanged" in str(error)
     assert fingerprint(folder) == before
     assert_token_hidden(error, logs, TOKEN)
+
+
+def test_without_a_card_renderer_the_folder_is_uploaded_as_it_is(hub: HubServer, compressed: Path) -> None:
+    """The push stage renders no card itself: the pipeline hands it one; without it nothing is generated."""
+    rendered = push(compressed, dry_run=True, endpoint=hub.url)
+    plain = push_stage(compressed, dry_run=True, endpoint=hub.url)
+
+    assert [file.path_in_repo for file in plain.files] == [
+        file.path_in_repo for file in upload_files(compressed)
+    ]
+    assert all(file.source is not None for file in plain.files)
+    assert any(file.source is None for file in rendered.files)
 
 
 def test_no_token_raises_missing_token_error(hub: HubServer, compressed: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,17 @@ class MergePlan:
                 f"the plan was made for a {self.model_type} model with {self.num_layers} layers, "
                 f"this is a {model_type} model with {num_layers} layers"
             )
+
+
+_REPO_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def default_repo_name(plan: MergePlan) -> str:
+    """``<base-name>-swm-<N>L``: the base model's last name component and the layers kept."""
+    source = plan.base_model or plan.model
+    name = source.split("@")[0].rstrip("/").split("/")[-1]
+    name = name.removesuffix(".gguf").removesuffix(".GGUF")
+    name = _REPO_NAME_BAD.sub("-", name).strip("-.") or "model"
+    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name))
+    suffix = f"-swm-{plan.layers_after}L"
+    return name[: 96 - len(suffix)].rstrip("-.") + suffix

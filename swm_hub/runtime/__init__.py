@@ -1,2 +1,1 @@
-"""Running a model: whole or one layer at a time, tracing calibration, loading and saving checkpoints,
-ONNX Runtime and onnxruntime-genai."""
+"""Running a model: whole or layer by layer, calibration traces, checkpoints, ONNX Runtime, onnxruntime-genai."""

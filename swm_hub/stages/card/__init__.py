@@ -19,7 +19,6 @@ files (ONNX files have made it guess ``quantized``). The pruning itself is said 
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -49,7 +48,7 @@ from swm_hub.core.shards import read_header
 from swm_hub.results.bench import BenchFile, Measure, SavedBench, Stat
 from swm_hub.results.evaluation import EvalReport, ratios_to_best_drop
 from swm_hub.results.heal import HealInfo, heal_info
-from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.similarity import SimilarityReport
 
 __all__ = [
@@ -70,7 +69,6 @@ __all__ = [
     "base_license",
     "build_context",
     "card_metadata",
-    "default_repo_name",
     "render_card",
     "render_context",
     "render_template",
@@ -110,7 +108,6 @@ LATENCY_LABELS: Mapping[str, str] = {
     "peak_memory_mb": "peak memory (MB)",
     "weights_mb": "weights (MB)",
 }
-_REPO_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # --- the context -------------------------------------------------------------------------------------------
@@ -327,17 +324,6 @@ def card_metadata(context: CardContext) -> ModelCardData:
         tags=list(context.tags),
         **extra,
     )
-
-
-def default_repo_name(plan: MergePlan) -> str:
-    """``<base-name>-swm-<N>L``: the base model's last name component and the layers kept."""
-    source = plan.base_model or plan.model
-    name = source.split("@")[0].rstrip("/").split("/")[-1]
-    name = name.removesuffix(".gguf").removesuffix(".GGUF")
-    name = _REPO_NAME_BAD.sub("-", name).strip("-.") or "model"
-    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name))
-    suffix = f"-swm-{plan.layers_after}L"
-    return name[: 96 - len(suffix)].rstrip("-.") + suffix
 
 
 # --- building the context ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
@@ -40,9 +40,8 @@ from swm_hub.core.errors import (
 )
 from swm_hub.core.files import CARD_FILE
 from swm_hub.core.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
-from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.push import PushResult, UploadFile, size_text
-from swm_hub.stages.card import build_context, default_repo_name, render_context
 
 __all__ = [
     "default_repo_id",
@@ -66,6 +65,12 @@ _DETAIL_CHARS = 300
 # What a failed push raises: HTTP and connection errors, file errors, and a failed upload (a RuntimeError).
 _FAILURES: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError, *HTTP_ERRORS)
 
+CardRenderer = Callable[[Path, "str | None"], str]
+"""A folder's model card for a Hub repository id (None: the card as ``swm-hub card`` writes it locally).
+
+The pipeline passes the card stage's ``render_card``; push itself knows nothing of how a card is composed.
+"""
+
 
 def push(
     folder: Path,
@@ -77,6 +82,7 @@ def push(
     dry_run: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
+    card: CardRenderer | None = None,
 ) -> PushResult:
     """Upload every file of a compressed folder (weights, ONNX, card, plan, heatmap) in one commit.
 
@@ -92,6 +98,8 @@ def push(
         token: a Hub token; default the one ``huggingface_hub`` finds (``HF_TOKEN``, then the login file).
         endpoint: the Hub's URL; it must be HF_ENDPOINT's (default https://huggingface.co), which is how
             another Hub is chosen (see ``_check_endpoint``).
+        card: renders the model card for the target repository (see ``CardRenderer``); without it the
+            folder's README.md is uploaded as it is.
 
     Raises:
         UnknownModelError: ``folder`` is not a folder written by ``swm-hub compress``.
@@ -105,7 +113,7 @@ def push(
     retry = retry_command(folder, repo_id, private, revision, create_pr, commit_message)
     if dry_run:
         shown = repo_id or f"{USER_PLACEHOLDER}/{default_repo_name(plan)}"
-        files = _with_card(folder, upload_files(folder), shown)[0]
+        files = _with_card(folder, upload_files(folder), shown, card)[0]
         return PushResult(repo_id=shown, revision=revision, create_pr=create_pr, dry_run=True, files=files)
     _check_endpoint(endpoint)
     token = token or get_token()
@@ -116,7 +124,7 @@ def push(
         if repo_id is None:
             repo_id = default_repo_id(folder, token, endpoint)
             retry = retry_command(folder, repo_id, private, revision, create_pr, commit_message)
-        files, card = _with_card(folder, upload_files(folder), repo_id)
+        files, card_bytes = _with_card(folder, upload_files(folder), repo_id, card)
         message = commit_message or _default_message(plan, repo_id)
         logger.info("pushing %d files (%s) to %s", len(files), size_text(sum(f.size for f in files)), repo_id)
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -127,7 +135,7 @@ def push(
         head = api.repo_info(repo_id, revision=revision).sha
         info = api.create_commit(
             repo_id,
-            operations=list(_operations(files, card)),
+            operations=list(_operations(files, card_bytes)),
             commit_message=message,
             revision=revision,
             create_pr=create_pr,
@@ -243,7 +251,7 @@ def _read_plan(folder: Path) -> MergePlan:
 
 
 def _with_card(
-    folder: Path, files: list[UploadFile], repo_id: str
+    folder: Path, files: list[UploadFile], repo_id: str, render: CardRenderer | None
 ) -> tuple[tuple[UploadFile, ...], bytes | None]:
     """The files with the model card to upload: the folder's own README.md, or one rendered for ``repo_id``.
 
@@ -252,21 +260,21 @@ def _with_card(
     """
     existing = folder / CARD_FILE
     card: bytes | None = None
-    if not existing.is_file():
-        card = render_context(build_context(folder, repo_id)).encode("utf-8")
-    else:
-        try:
-            context = build_context(folder)
-            unedited = existing.read_text(encoding="utf-8") == render_context(context)
-        except (SwmHubError, OSError, ValueError) as exc:
-            logger.warning("uploading %s as it is: the card cannot be rendered again (%s)", existing, exc)
-        else:
-            if unedited:
-                card = render_context(context.for_repo(repo_id)).encode("utf-8")
+    if render is not None and (not existing.is_file() or _unedited(existing, render)):
+        card = render(folder, repo_id).encode("utf-8")
     kept = [file for file in files if card is None or file.path_in_repo != CARD_FILE]
     if card is not None:
         kept.append(UploadFile(path_in_repo=CARD_FILE, size=len(card), source=None))
     return tuple(sorted(kept, key=lambda file: file.path_in_repo)), card
+
+
+def _unedited(existing: Path, render: CardRenderer) -> bool:
+    """Whether the folder's README.md is still exactly the card swm-hub renders for it (not edited)."""
+    try:
+        return existing.read_text(encoding="utf-8") == render(existing.parent, None)
+    except (SwmHubError, OSError, ValueError) as exc:
+        logger.warning("uploading %s as it is: the card cannot be rendered again (%s)", existing, exc)
+        return False
 
 
 def _operations(files: tuple[UploadFile, ...], card: bytes | None) -> Iterator[CommitOperationAdd]:
