@@ -38,12 +38,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from swm_hub import MergeOptions, compress
+from swm_hub.core.options import BenchOptions
 from swm_hub.results.bench import BenchReport
 from swm_hub.runtime.checkpoint import output_folder, save_model_folder
 from swm_hub.runtime.loading import LoadedModel, ModelSource, pull
@@ -107,12 +109,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, BenchReport]]:
-    settings = {
-        "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens,
-        "runs": args.runs,
-        "warmup": args.warmup,
-    }
+    settings = BenchOptions(
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads or None,
+    )
     original = original_folder(workdir / MODEL)
     compressed = args.compressed or compressed_folder(
         original, workdir / f"{MODEL}-{args.target_layers}", args
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, BenchReport]
     reports: list[tuple[str, BenchReport]] = []
 
     log("torch cpu")
-    torch_cpu = bench(str(compressed), baseline=str(original), threads=args.threads or None, **settings)
+    torch_cpu = bench(str(compressed), str(original), settings)
     reports.append(("SmolLM2-135M, torch CPU", torch_cpu))
     show(reports[-1])
 
@@ -131,13 +134,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, BenchReport]
                 result = export_onnx(folder, folder / "onnx")
                 log(f"  max abs diff vs torch {result.max_abs_diff:.2e} over {len(result.checks)} outputs")
         log("onnxruntime cpu")
-        ort_cpu = bench(
-            str(compressed),
-            baseline=str(original),
-            backend="onnxruntime",
-            threads=args.threads or None,
-            **settings,
-        )
+        ort_cpu = bench(str(compressed), str(original), replace(settings, backend="onnxruntime"))
         reports.append(("SmolLM2-135M, ONNX Runtime CPU", ort_cpu))
         show(reports[-1])
 
@@ -168,7 +165,7 @@ def compressed_folder(original: Path, folder: Path, args: argparse.Namespace) ->
 
 
 def cuda_reports(
-    tokenizer_folder: Path, target_layers: int, settings: dict[str, int]
+    tokenizer_folder: Path, target_layers: int, settings: BenchOptions
 ) -> list[tuple[str, BenchReport]]:
     """A Llama-2-7B-shaped float16 model with random weights, full depth against ``target_layers``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -193,7 +190,8 @@ def cuda_reports(
     reports = []
     for compiled, label in ((True, "compiled static cache"), (False, "eager generate")):
         log(f"cuda, {label}")
-        report = bench_loaded(loaded[1], baseline=loaded[0], device="cuda", compiled=compiled, **settings)
+        on_cuda = replace(settings, device="cuda", compiled=compiled, threads=None)
+        report = bench_loaded(loaded[1], loaded[0], on_cuda)
         reports.append((f"Llama-2-7B shape (random fp16), CUDA, {label}", report))
         show(reports[-1])
     return reports

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from swm_hub.core.architectures import ArchitectureSpec
-from swm_hub.core.calibration import KINDS, TextSource
 from swm_hub.core.options import MergeOptions
+from swm_hub.core.texts import KINDS, TextSource
 from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import LoadedModel, pull
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration

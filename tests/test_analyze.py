@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import TINY_LAYERS, TINY_TEXT
 
-from swm_hub.core.calibration import TextSource
 from swm_hub.core.errors import CalibrationDataError, InvalidOptionError, ResultFileError
 from swm_hub.core.options import CalibrationOptions
 from swm_hub.core.similarity import PAIRWISE_METRICS
+from swm_hub.core.texts import TextSource
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import LoadedModel, pull

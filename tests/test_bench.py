@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,16 @@ from conftest import COMMON, build_tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from swm_hub.core.errors import DeviceUnavailableError, InvalidOptionError, SwmHubError, UnknownModelError
-from swm_hub.stages.bench import bench, prompt_ids
+from swm_hub.core.options import BenchOptions
+from swm_hub.results.bench import BenchReport
+from swm_hub.stages.bench import bench as bench_stage
+from swm_hub.stages.bench import prompt_ids
+
+
+def bench(model: str, baseline: str | None = None, **options: Any) -> BenchReport:
+    """The bench stage with its options given as keywords."""
+    return bench_stage(model, baseline, BenchOptions(**options))
+
 
 MODEL_FIELDS = {
     "name",

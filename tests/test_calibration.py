@@ -10,17 +10,10 @@ from conftest import build_tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from swm_hub.core.calibration import (
-    KINDS,
-    TextSource,
-    blocks_by_kind,
-    even_counts,
-    leading_special_tokens,
-    shipped_text,
-    token_blocks,
-)
+from swm_hub.core.calibration import blocks_by_kind, leading_special_tokens, token_blocks
 from swm_hub.core.errors import CalibrationDataError, InvalidOptionError
 from swm_hub.core.options import CalibrationOptions
+from swm_hub.core.texts import KINDS, TextSource, even_counts, shipped_text
 from swm_hub.runtime.tracing import calibration_batches
 
 TEXT = " ".join(f"word{i % 97} and more text number {i}." for i in range(400))

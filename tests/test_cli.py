@@ -7,6 +7,7 @@ stderr and the exit code, and one case runs ``python -m swm_hub`` in a real proc
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import logging
@@ -19,6 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,9 +29,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BertConfig
 from typer.testing import CliRunner
 
-from swm_hub import cli, pipeline
+import swm_hub
+from swm_hub import cli
 from swm_hub.core import atomic, errors
+from swm_hub.core.devices import DTYPES
 from swm_hub.core.options import ExecutionOptions
+from swm_hub.pipeline import analyze as analyze_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -235,6 +240,35 @@ def test_readme_examples_use_real_commands_and_options() -> None:
     assert_examples_valid(text)
     for name in command_names():
         assert f"swm-hub {name} " in text, f"the README has no example of {name}"
+
+
+def _api_calls(code: str) -> list[tuple[str, ast.Call]]:
+    """Each call of a ``swm_hub.<name>...`` in ``code``, with its dotted name."""
+    calls = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call):
+            parts, func = [], node.func
+            while isinstance(func, ast.Attribute):
+                parts.insert(0, func.attr)
+                func = func.value
+            if isinstance(func, ast.Name) and func.id == "swm_hub":
+                calls.append((".".join(parts), node))
+    return calls
+
+
+def test_readme_python_api_calls_what_the_package_has() -> None:
+    """Every ``swm_hub.X(...)`` in the README's Python API section exists and takes the arguments shown."""
+    section = README.read_text(encoding="utf-8").split("## Python API", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```python\n(.+?)\n```", section, flags=re.DOTALL))
+    calls = _api_calls(code)
+    assert {name for name, _ in calls} >= {"compress", "analyze", "MergeOptions"}
+    for name, call in calls:
+        target: Any = swm_hub
+        for part in name.split("."):
+            target = getattr(target, part)
+        assert callable(target) and not inspect.ismodule(target), name
+        keywords = {keyword.arg: None for keyword in call.keywords if keyword.arg is not None}
+        inspect.signature(target).bind(*[None] * len(call.args), **keywords)
 
 
 def test_ci_runs_the_readme_install_and_test_commands() -> None:
@@ -448,7 +482,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug, not a user error")
 
-    monkeypatch.setattr(pipeline, "analyze", broken)
+    monkeypatch.setattr(analyze_recipe, "analyze", broken)
     monkeypatch.setattr(sys, "argv", ["swm-hub", "analyze", "anything", "--quiet"])
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main()
@@ -566,7 +600,7 @@ def test_dtype_aliases_become_the_torch_names(alias: str, canonical: str) -> Non
     """analyze, compress, eval and heal read --dtype through ExecutionOptions, which keeps the torch name."""
     options = ExecutionOptions(dtype=alias)
     assert options.dtype == canonical
-    assert options.torch_dtype == getattr(torch, canonical)
+    assert DTYPES[options.dtype] == getattr(torch, canonical)
 
 
 def test_analyze_takes_a_dtype_alias(tiny_llama_dir: Path, calib_file: Path, tmp_path: Path) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import TINY_LAYERS, build_tiny_model
 
+from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.options import DROP_BASELINES, PAPER_TASKS, EvalOptions, ExecutionOptions
 from swm_hub.results.evaluation import EvalReport, PerplexityRow
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.layer_trace import BatchTrace
@@ -101,6 +104,31 @@ def test_angular_distance_drops_the_closest_inner_block() -> None:
 
 def test_drop_rules_are_registered() -> None:
     assert dict(DROP_RULES) == {"drop-bi": drop_by_block_influence, "drop-angular": drop_by_angular_distance}
+    assert tuple(DROP_RULES) == DROP_BASELINES  # the names the options accept are the rules the stage has
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"baselines": ("drop-random",)}, "unknown baseline drop-random; choose from drop-bi, drop-angular"),
+        ({"blocks": 0}, "--blocks >= 1"),
+        ({"limit": 0}, "--limit must be at least 1"),
+        (
+            {"zero_shot": ("piqa",), "execution": ExecutionOptions(mode="layerwise")},
+            "--zero-shot runs the whole model",
+        ),
+    ],
+)
+def test_eval_options_refuse_what_cannot_run(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidOptionError, match=match):
+        EvalOptions(**options)
+
+
+def test_eval_options_read_the_command_line_spellings() -> None:
+    assert EvalOptions.baselines_given(None) == DROP_BASELINES
+    assert EvalOptions.baselines_given(["none"]) == ()
+    assert EvalOptions.tasks_given("paper") == PAPER_TASKS
+    assert EvalOptions.tasks_given("piqa,boolq,") == ("piqa", "boolq")
 
 
 # --- windows ---------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from swm_hub.core.errors import (
     UnknownModelError,
     UnsafeOutputError,
 )
+from swm_hub.core.options import EXPORT_FORMATS, ExportOptions
 from swm_hub.runtime.ort import OrtCausalLM, find_model_file, per_token_weight_bytes
 from swm_hub.stages.bench import _per_token_weight_bytes
-from swm_hub.stages.export import EXPORT_FORMATS, ExportResult, export
+from swm_hub.stages.export import ExportResult
 from swm_hub.stages.export.onnx import (
     FORCE_EXTERNAL_DATA_ENV,
     check_onnx_support,
@@ -286,10 +287,11 @@ def test_the_model_folder_itself_is_never_the_output(
     assert (model_dir / "model.safetensors").is_file()
 
 
-def test_export_dispatch_names_its_formats(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+def test_export_options_name_the_formats(tmp_path: Path) -> None:
+    """An unknown format fails when the options are made, before any model is read."""
     assert "onnx" in EXPORT_FORMATS
     with pytest.raises(InvalidOptionError, match="unknown export format 'tflite'"):
-        export(tiny_model_dir("llama"), formats=("tflite",), out=tmp_path / "x")
+        ExportOptions(formats=("tflite",), out=tmp_path / "x")
 
 
 def test_validation_logs_one_line_per_output(

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from swm_hub import cli
 from swm_hub.core import errors
 from swm_hub.core.architectures import ARCHITECTURES
+from swm_hub.core.options import BenchOptions, ExportOptions
 from swm_hub.runtime.genai import GenaiModel
 from swm_hub.stages.bench import bench
 from swm_hub.stages.export import export
@@ -335,7 +336,7 @@ def test_cli_option_combinations_are_refused(
 
 def test_export_dispatch_and_not_a_folder(tmp_path: Path) -> None:
     with pytest.raises(errors.UnknownModelError, match="local model folder"):
-        export(tmp_path / "missing", ("genai",))
+        export(tmp_path / "missing", ExportOptions(formats=("genai",)))
 
 
 def test_cli_export_prints_the_check(head16_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -376,7 +377,9 @@ def test_bench_genai_int4_against_fp32(
 ) -> None:
     """The baseline is a model folder with a genai/ subfolder; the model is the export folder itself."""
     report = bench(
-        llama_int4.path, baseline=llama_fp32.model_dir, backend="genai", prompt_tokens=6, new_tokens=4, runs=2
+        llama_int4.path,
+        llama_fp32.model_dir,
+        BenchOptions(backend="genai", prompt_tokens=6, new_tokens=4, runs=2),
     )
     assert (report.backend, report.dtype, report.device) == ("genai", "int4", "cpu")
     assert report.baseline is not None and report.baseline.layers == report.model.layers == 4
@@ -421,10 +424,10 @@ def test_bench_genai_refusals(
     tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
     with pytest.raises(error, match=message):
-        bench(tmp_path, backend="genai", **kwargs)
+        bench(tmp_path, options=BenchOptions(backend="genai", **kwargs))
 
 
 def test_bench_genai_needs_an_export(tiny_model_dir: Callable[[str], Path]) -> None:
     folder = tiny_model_dir("llama")
     with pytest.raises(errors.UnknownModelError, match="--format genai"):
-        bench(folder, backend="genai")
+        bench(folder, options=BenchOptions(backend="genai"))

@@ -18,10 +18,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from swm_hub import cli
-from swm_hub.core.calibration import TextSource
 from swm_hub.core.errors import InvalidOptionError, UnknownModelError
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
-from swm_hub.pipeline import compress
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, HealOptions, MergeOptions
+from swm_hub.core.texts import TextSource
+from swm_hub.pipeline.compress import compress
+from swm_hub.pipeline.heal import heal
+from swm_hub.pipeline.heal_comparison import HealComparer
 from swm_hub.results.heal import HealComparison, HealComparisonRow
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime.loading import pull
@@ -31,17 +33,14 @@ from swm_hub.stages.evaluate import heldout_batches, perplexity
 from swm_hub.stages.heal import (
     ADAPTER_FOLDER,
     HealInterrupted,
-    HealOptions,
     HealRequest,
     StepReport,
     adapted_module_names,
     checkpoint_folder,
     consolidated_positions,
-    heal,
     heal_model,
 )
 from swm_hub.stages.heal import training as heal_train
-from swm_hub.stages.heal.compare import HealComparer
 from swm_hub.stages.heal.teacher import MemoryEstimate, choose_teacher_cache
 from swm_hub.stages.heal.training import kl_full, kl_top_k
 

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from swm_hub import pipeline
 from swm_hub.cli import app
-from swm_hub.core.calibration import TextSource
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.options import CalibrationOptions, EvalOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.texts import TextSource
+from swm_hub.pipeline import compress as compress_recipe
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime import tracing
 from swm_hub.runtime.layer_trace import BatchTrace
@@ -87,7 +87,7 @@ def shared_model(monkeypatch: pytest.MonkeyPatch, smollm2: LoadedModel, calibrat
             return cached_traces
         return real_trace(model, batches, progress)
 
-    monkeypatch.setattr(pipeline, "pull_for", pull_shared)
+    monkeypatch.setattr(compress_recipe, "pull_for", pull_shared)
     monkeypatch.setattr(tracing, "trace_calibration", trace_shared)
 
 
@@ -182,11 +182,12 @@ def test_layerwise_compress_and_eval_of_smollm2_equal_whole(
     reports = {
         mode: evaluate(
             tmp_path / "whole",
-            TextSource(split="heldout"),
-            seq_len=128,
-            blocks=4,
-            baselines=("drop-bi",),
-            execution=ExecutionOptions(mode=mode, device="cpu"),
+            EvalOptions(
+                seq_len=128,
+                blocks=4,
+                baselines=("drop-bi",),
+                execution=ExecutionOptions(mode=mode, device="cpu"),
+            ),
         )
         for mode in ("whole", "layerwise")
     }

@@ -15,10 +15,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from swm_hub.core import devices
-from swm_hub.core.calibration import TextSource
 from swm_hub.core.devices import choose_execution, resolve_device
 from swm_hub.core.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.options import CalibrationOptions, EvalOptions, ExecutionOptions, MergeOptions
 from swm_hub.runtime import layerwise
 from swm_hub.runtime.layerwise import activation_cache, trace_layerwise
 from swm_hub.runtime.loading import LoadedModel, pull
@@ -281,9 +280,9 @@ def test_layerwise_evaluation_reports_what_whole_evaluation_reports(
     """Merged, base and both drop baselines; gemma2 alternates attention types, so a dropped layer shifts them."""
     options = MergeOptions(target_layers=TARGET, calibration=calibration)
     merge(pull(str(tiny_model_dir(model_type))), tmp_path / "out", options)
-    text = TextSource(path=calibration.text)
-    whole = evaluate(tmp_path / "out", text, seq_len=16, blocks=4, execution=ExecutionOptions(mode="whole"))
-    layer_wise = evaluate(tmp_path / "out", text, seq_len=16, blocks=4, execution=LAYERWISE)
+    heldout = EvalOptions(text=calibration.text, seq_len=16, blocks=4)
+    whole = evaluate(tmp_path / "out", dataclasses.replace(heldout, execution=ExecutionOptions(mode="whole")))
+    layer_wise = evaluate(tmp_path / "out", dataclasses.replace(heldout, execution=LAYERWISE))
     assert [row.name for row in layer_wise.rows] == [row.name for row in whole.rows]
     assert [row.name for row in whole.rows][2:] == list(DROP_RULES)
     for got, want in zip(layer_wise.rows, whole.rows, strict=True):
@@ -304,7 +303,7 @@ def test_layerwise_evaluation_holds_at_most_one_layer(
     options = MergeOptions(target_layers=TARGET, calibration=calibration)
     merge(pull(str(tiny_model_dir("llama"))), tmp_path / "out", options)
     live_layers.clear()
-    evaluate(tmp_path / "out", TextSource(path=calibration.text), seq_len=16, blocks=4, execution=LAYERWISE)
+    evaluate(tmp_path / "out", EvalOptions(text=calibration.text, seq_len=16, blocks=4, execution=LAYERWISE))
     assert live_layers and max(live_layers) <= 1
 
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import shutil
 import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -35,14 +36,15 @@ from swm_hub.core.errors import (
     PushPermissionError,
     UnknownModelError,
 )
-from swm_hub.core.options import CalibrationOptions, MergeOptions
+from swm_hub.core.options import CalibrationOptions, MergeOptions, PushOptions
+from swm_hub.core.program import program_name
 from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.push import PushResult
 from swm_hub.runtime.loading import pull
 from swm_hub.stages.card import CARD_FILE, render_card, write_card
 from swm_hub.stages.merge import merge
-from swm_hub.stages.push import program_name, retry_command, upload_files
 from swm_hub.stages.push import push as push_stage
+from swm_hub.stages.push import retry_command, upload_files
 
 TOKEN = "hf_test_secret_token_123"
 READ_TOKEN = "hf_test_read_only_token_456"
@@ -50,9 +52,9 @@ USER = "tester"
 LOGGERS = ("huggingface_hub", "swm_hub", "httpx", "httpx2", "httpcore", "httpcore2", "hub_server")
 
 
-def push(folder: Path, **options: Any) -> PushResult:
-    """The push stage with the card renderer the pipeline gives it."""
-    return push_stage(folder, card=render_card, **options)
+def push(folder: Path, token: str | None = None, endpoint: str | None = None, **options: Any) -> PushResult:
+    """The push stage with the card renderer the pipeline gives it, and its options given as keywords."""
+    return push_stage(folder, PushOptions(**options), token=token, endpoint=endpoint, card=render_card)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
@@ -256,6 +258,25 @@ def test_dry_run_lists_files_and_sizes_without_any_request(
     assert fingerprint(folder) == before
 
 
+def test_the_push_command_loads_no_torch(compressed: Path, tmp_path: Path) -> None:
+    """``swm-hub push --dry-run``, card rendering included, runs in a process that never imports torch."""
+    folder = copy_of(compressed, tmp_path)
+    code = (
+        "import sys\n"
+        "from swm_hub.cli import main\n"
+        f"sys.argv = ['swm-hub', 'push', {str(folder)!r}, '--dry-run']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as done:\n"
+        "    assert not done.code, done.code\n"
+        "print('torch loaded' if 'torch' in sys.modules or 'transformers' in sys.modules else 'no torch')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "dry run: would upload" in done.stdout and CARD_FILE in done.stdout
+    assert done.stdout.rstrip().endswith("no torch")
+
+
 # --- failures ----------------------------------------------------------------------------------------------
 
 
@@ -273,7 +294,7 @@ def assert_failed_cleanly(
 def test_without_a_card_renderer_the_folder_is_uploaded_as_it_is(hub: HubServer, compressed: Path) -> None:
     """The push stage renders no card itself: the pipeline hands it one; without it nothing is generated."""
     rendered = push(compressed, dry_run=True, endpoint=hub.url)
-    plain = push_stage(compressed, dry_run=True, endpoint=hub.url)
+    plain = push_stage(compressed, PushOptions(dry_run=True), endpoint=hub.url)
 
     assert [file.path_in_repo for file in plain.files] == [
         file.path_in_repo for file in upload_files(compressed)
@@ -332,7 +353,7 @@ def test_invalid_token_is_a_permission_error(
     with pytest.raises(PushPermissionError) as caught:
         push(compressed, repo_id=repo_id, token=token, endpoint=hub.url)
     assert "HTTP 401" in str(caught.value) and "`hf auth login`" in str(caught.value)
-    assert caught.value.retry_command == retry_command(compressed, repo_id)
+    assert caught.value.retry_command == retry_command(compressed, PushOptions(repo_id))
     assert refused_by in [path for _, path in hub.state.requests]
     assert_token_hidden(caught.value, logs, token)
 
@@ -522,7 +543,7 @@ def test_an_endpoint_other_than_hf_endpoint_is_refused_before_any_request(
 
 
 def test_retry_command_quotes_what_the_shell_would_split() -> None:
-    command = retry_command(Path("my models/out"), "me/x", True, "dev", True, "it's done")
+    command = retry_command(Path("my models/out"), PushOptions("me/x", True, "dev", True, "it's done"))
     assert command == (
         "swm-hub push 'my models/out' --repo-id me/x --private --revision dev --create-pr "
         "--commit-message 'it'\"'\"'s done'"

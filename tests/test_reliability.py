@@ -18,7 +18,7 @@ from conftest import TINY_LAYERS
 from hub_server import HubServer, online_client, use_endpoint
 from safetensors.torch import load_file, save_file
 
-from swm_hub import cli, pipeline
+from swm_hub import cli
 from swm_hub.core import atomic
 from swm_hub.core.errors import (
     CorruptWeightsError,
@@ -30,7 +30,8 @@ from swm_hub.core.errors import (
     PushCheckError,
     UnsafeOutputError,
 )
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions
+from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions, PushOptions
+from swm_hub.pipeline import compress as compress_recipe
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.loading import pull
 from swm_hub.stages.push.checks import check_push_access, writable_namespaces
@@ -88,7 +89,7 @@ def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr(pipeline, "pull_for", refuse)
+    monkeypatch.setattr(compress_recipe, "pull_for", refuse)
 
 
 # --- 1. --out refusals ------------------------------------------------------------------------------------
@@ -148,9 +149,9 @@ def test_the_output_is_marked_and_can_then_be_overwritten(
 ) -> None:
     out = tmp_path / "out"
     options = MergeOptions(target_layers=4, calibration=calibration)
-    pipeline.compress(str(tiny_llama_dir), out, options)
+    compress_recipe.compress(str(tiny_llama_dir), out, options)
     assert atomic.is_marked(out) and (out / "README.md").is_file()
-    pipeline.compress(str(tiny_llama_dir), out, options, overwrite=True)
+    compress_recipe.compress(str(tiny_llama_dir), out, options, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -196,7 +197,7 @@ def test_a_non_finite_weight_is_named(
     edit_weights(model, lambda tensors: tensors[LAYER_TENSOR].view(-1).__setitem__(0, value))
     out = tmp_path / "out"
     with pytest.raises(CorruptWeightsError, match=f"{LAYER_TENSOR} holds NaN or infinite"):
-        pipeline.compress(
+        compress_recipe.compress(
             str(model),
             out,
             MergeOptions(target_layers=4, calibration=calibration),
@@ -303,7 +304,7 @@ def test_a_missed_target_is_an_error_and_writes_nothing(
 
     monkeypatch.setattr(merge_module, "plan_merge", no_windows)
     with pytest.raises(InvalidMergeError, match="removed 0 layers"):
-        pipeline.compress(
+        compress_recipe.compress(
             str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4, calibration=calibration)
         )
     assert list(tmp_path.iterdir()) == []
@@ -329,7 +330,7 @@ def test_a_non_finite_merged_tensor_is_an_error_and_writes_nothing(
 
     monkeypatch.setattr(merge_module, "consolidate", poisoned)
     with pytest.raises(InvalidMergeError, match="holds NaN or infinite values"):
-        pipeline.compress(
+        compress_recipe.compress(
             str(tiny_llama_dir),
             tmp_path / "o",
             MergeOptions(target_layers=4, calibration=calibration),
@@ -348,7 +349,7 @@ def test_too_little_space_is_refused_before_loading(
 ) -> None:
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(InsufficientSpaceError, match="not enough free space for the compressed model"):
-        pipeline.compress(str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4))
+        compress_recipe.compress(str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -362,7 +363,7 @@ def test_too_little_space_for_the_layerwise_cache_is_refused(
 
     monkeypatch.setattr(atomic.shutil, "disk_usage", full_tmp)
     with pytest.raises(InsufficientSpaceError, match="layer-wise activation cache"):
-        pipeline.compress(
+        compress_recipe.compress(
             str(tiny_llama_dir),
             tmp_path / "o",
             MergeOptions(target_layers=4, calibration=calibration),
@@ -402,7 +403,7 @@ def test_an_unwritable_out_location_is_found_before_loading(
 
     monkeypatch.setattr(Path, "mkdir", read_only)
     with pytest.raises(OutputWriteError, match="Read-only file system"):
-        pipeline.compress(str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4))
+        compress_recipe.compress(str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4))
 
 
 @pytest.fixture
@@ -435,9 +436,11 @@ def test_push_access_is_checked_before_loading(
     reason: str,
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", token)
-    request = pipeline.PushRequest(repo_id=repo_id)
+    request = PushOptions(repo_id=repo_id)
     with pytest.raises(PushCheckError, match=reason) as caught:
-        pipeline.compress(str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4), push_to=request)
+        compress_recipe.compress(
+            str(tiny_llama_dir), tmp_path / "o", MergeOptions(target_layers=4), push_to=request
+        )
     assert token not in str(caught.value) or not token
     assert list(tmp_path.iterdir()) == []
 
@@ -450,12 +453,14 @@ def test_push_access_passes_with_a_write_token(hub: HubServer) -> None:
 
 def test_unsafe_refusals_come_from_the_api_too(tiny_llama_dir: Path) -> None:
     with pytest.raises(UnsafeOutputError):
-        pipeline.compress(str(tiny_llama_dir), tiny_llama_dir, MergeOptions(target_layers=4), overwrite=True)
+        compress_recipe.compress(
+            str(tiny_llama_dir), tiny_llama_dir, MergeOptions(target_layers=4), overwrite=True
+        )
     out = tiny_llama_dir.parent / "foreign"
     out.mkdir(exist_ok=True)
     (out / "data.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(ForeignOutputError):
-        pipeline.compress(str(tiny_llama_dir), out, MergeOptions(target_layers=4), overwrite=True)
+        compress_recipe.compress(str(tiny_llama_dir), out, MergeOptions(target_layers=4), overwrite=True)
     assert [p.name for p in out.iterdir()] == ["data.txt"]
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from swm_hub.core.errors import InvalidOptionError, MissingDependencyError
-from swm_hub.stages.evaluate.zeroshot import PAPER_TASKS, TaskDataUnavailableError, zero_shot
+from swm_hub.core.options import PAPER_TASKS
+from swm_hub.stages.evaluate.zeroshot import TaskDataUnavailableError, zero_shot
 
 TINY_TASK = Path(__file__).parent / "data" / "zeroshot_tiny"
 TINY_NAME = "swm_tiny_qa"

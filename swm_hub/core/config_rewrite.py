@@ -12,8 +12,6 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import AutoConfig
-
 from swm_hub.core.architectures import ArchitectureSpec, spec_for
 from swm_hub.core.errors import PlanMismatchError
 
@@ -105,6 +103,9 @@ def _per_layer_entries(config: dict[str, Any], field: str, num_layers: int) -> l
     """
     entries = config.get(field)
     if entries is None:
+        # Imported here: the plan reads this module, and reading a plan (push, card) should not load torch.
+        from transformers import AutoConfig
+
         entries = getattr(AutoConfig.for_model(**config), field, None)
         if entries is None:
             return None

@@ -6,41 +6,21 @@ request the machine cannot serve fails before any weights are read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import psutil
 import torch
 
-from swm_hub.core.errors import DeviceUnavailableError, InvalidOptionError
+from swm_hub.core.errors import DeviceUnavailableError
+from swm_hub.core.options.common import DTYPE_NAMES
 
 AUTO_MEMORY_SHARE: float = 0.5
 """``--execution auto`` streams layers when the weights alone would take more than this share of free memory:
 calibration activations, the merged copy of a layer and the refit's normal equations need room beside them."""
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-"""The precisions every command takes, by torch's names, which are also what the results record."""
-
-DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-"""The short spellings export and bench took before they shared this vocabulary; still accepted."""
-
-
-def dtype_name(value: str, flag: str = "--dtype", allowed: Sequence[str] = tuple(DTYPES)) -> str:
-    """The canonical name of a precision (an alias becomes its torch name), or an error naming the choices.
-
-    Args:
-        value: what the user gave.
-        flag: the option to name in the error.
-        allowed: the canonical names this command offers (a subset of ``DTYPES``, plus e.g. ``int4``).
-    """
-    name = DTYPE_ALIASES.get(value, value)
-    if name not in allowed:
-        raise InvalidOptionError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-    return name
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
+"""The torch dtype of each precision name the options take."""
 
 
 def resolve_device(requested: str) -> str:

@@ -275,3 +275,19 @@ class PushCheckError(SwmHubError, PermissionError):
 
 class InvalidMergeError(SwmHubError, ArithmeticError):
     """A merge whose result is unusable (non-finite tensors, a missed target); nothing is moved into place."""
+
+
+class HealInterrupted(Exception):  # noqa: N818  (an interruption the user asked for, not an error)
+    """Training stopped at a step boundary on Ctrl-C; a checkpoint to resume from was written.
+
+    Attributes:
+        step: the steps done (and saved); steps: the steps the budget asks for.
+        checkpoint: the folder ``--resume`` continues from, or None when none could be written.
+    """
+
+    def __init__(self, step: int, steps: int, checkpoint: Path | None) -> None:
+        self.step = step
+        self.steps = steps
+        self.checkpoint = checkpoint
+        where = f"checkpoint in {checkpoint}" if checkpoint is not None else "no checkpoint could be written"
+        super().__init__(f"heal interrupted after step {step} of {steps}; {where}")

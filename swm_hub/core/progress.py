@@ -6,7 +6,6 @@ import logging
 import os
 
 from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
-from transformers.utils import logging as transformers_logging
 
 
 def quiet_requested(flag: bool) -> bool:
@@ -15,7 +14,12 @@ def quiet_requested(flag: bool) -> bool:
 
 
 def configure(quiet: bool) -> bool:
-    """Set bars and log levels for a command; returns whether our own bars should show."""
+    """Set bars and log levels for a command; returns whether our own bars should show.
+
+    transformers is imported here, by the commands that run a model, so that ``--help`` does without it.
+    """
+    from transformers.utils import logging as transformers_logging
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     if quiet:

@@ -19,9 +19,10 @@ from types import TracebackType
 from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from swm_hub.core.errors import CorruptWeightsError
+from swm_hub.core.headers import REDOWNLOAD, read_entries
 
 __all__ = [
     "CODE_DTYPES",
@@ -61,7 +62,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 CODE_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 _HEADER_ALIGN = 8
-_REDOWNLOAD = "download the model again (or re-save it with save_pretrained(..., safe_serialization=True))"
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class CheckpointReader:
             raise CorruptWeightsError(
                 self.folder,
                 f"the tensor {name!r} is not in the checkpoint; the weights do not match the config, "
-                f"{_REDOWNLOAD}",
+                f"{REDOWNLOAD}",
             )
         return found
 
@@ -193,15 +193,13 @@ def _find_weights(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if not index.is_file():
         raise CorruptWeightsError(
             folder,
-            f"no {SINGLE_FILE} or {INDEX_FILE} found; {_REDOWNLOAD}",
+            f"no {SINGLE_FILE} or {INDEX_FILE} found; {REDOWNLOAD}",
         )
     weight_map = _read_weight_map(index)
     files = [folder / name for name in sorted(set(weight_map.values()))]
     for path in files:
         if not path.is_file():
-            raise CorruptWeightsError(
-                path, f"this shard is listed in {INDEX_FILE} but missing; {_REDOWNLOAD}"
-            )
+            raise CorruptWeightsError(path, f"this shard is listed in {INDEX_FILE} but missing; {REDOWNLOAD}")
     return files, weight_map
 
 
@@ -210,32 +208,22 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptWeightsError(index, f"the index is not readable JSON ({exc}); {_REDOWNLOAD}") from exc
+        raise CorruptWeightsError(index, f"the index is not readable JSON ({exc}); {REDOWNLOAD}") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items()
     ):
-        raise CorruptWeightsError(index, f"the index has no valid 'weight_map'; {_REDOWNLOAD}")
+        raise CorruptWeightsError(index, f"the index has no valid 'weight_map'; {REDOWNLOAD}")
     return weight_map
 
 
 def read_header(path: Path) -> list[TensorSpec]:
-    """Every tensor's spec from one file's header; safetensors also checks the file covers its offsets.
-
-    The package's one safetensors header reader: loading, merging and the model card all go through it.
+    """Every tensor's spec from one file's header (read by ``headers.read_entries``), in torch's dtypes.
 
     Raises:
         CorruptWeightsError: the file is not a readable safetensors file, or holds a dtype torch lacks.
     """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names: list[str] = handle.keys()  # safe_open is not iterable itself
-            views = [(name, handle.get_slice(name)) for name in names]
-            return [_spec_from_header(path, name, view.get_dtype(), view.get_shape()) for name, view in views]
-    except (SafetensorError, OSError) as exc:
-        raise CorruptWeightsError(
-            path, f"not a readable safetensors file: its header is unreadable ({exc}); {_REDOWNLOAD}"
-        ) from exc
+    return [_spec_from_header(path, entry.name, entry.code, entry.shape) for entry in read_entries(path)]
 
 
 def _spec_from_header(path: Path, name: str, code: str, shape: Sequence[int]) -> TensorSpec:
@@ -255,7 +243,7 @@ def _check_index_matches(
         if found is None or found[0].name != file_name:
             raise CorruptWeightsError(
                 folder / file_name,
-                f"{INDEX_FILE} lists {name!r} in this shard but it is not there; {_REDOWNLOAD}",
+                f"{INDEX_FILE} lists {name!r} in this shard but it is not there; {REDOWNLOAD}",
             )
 
 

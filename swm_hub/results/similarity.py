@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from swm_hub.core.errors import ResultFileError
 from swm_hub.core.files import SIMILARITY_JSON, SIMILARITY_PNG
@@ -68,7 +68,9 @@ class SimilarityReport:
         Returns:
             The JSON path and the PNG path.
         """
-        # Imported here: matplotlib is needed to draw the heatmap, not to read a report (the card, push).
+        # Imported here: matplotlib and torch draw the heatmap; reading a report (the card, push) needs neither.
+        import torch
+
         from swm_hub.results.heatmap import save_heatmap
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -176,7 +178,7 @@ def _rounded(value: Any) -> Any:
 
 def _percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile, as numpy and torch define it."""
-    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q))
 
 
 def _runs_above(adjacent: Sequence[float], cut: float) -> list[tuple[int, int]]:

@@ -54,7 +54,13 @@ from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURE
 
 from swm_hub.core.architectures import spec_for, spec_for_config, supported_model_types
 from swm_hub.core.atomic import write_errors_reported
-from swm_hub.core.devices import choose_execution, execution_device, resolve_device, whole_model_device_map
+from swm_hub.core.devices import (
+    DTYPES,
+    choose_execution,
+    execution_device,
+    resolve_device,
+    whole_model_device_map,
+)
 from swm_hub.core.errors import (
     CorruptWeightsError,
     InvalidOptionError,
@@ -260,7 +266,7 @@ def pull_for(model: str, revision: str | None, execution: ExecutionOptions) -> L
     return pull(
         model,
         revision=revision,
-        dtype=execution.torch_dtype,
+        dtype=DTYPES[execution.dtype],
         device=resolve_device(execution.device),
         execution=execution.mode,
     )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from swm_hub.core.calibration import TextSource, blocks_by_kind
+from swm_hub.core.calibration import blocks_by_kind
 from swm_hub.core.errors import InvalidOptionError
 from swm_hub.core.options import CalibrationOptions
 from swm_hub.core.similarity import (
@@ -26,6 +26,7 @@ from swm_hub.core.similarity import (
     sample_rows,
     similarity_matrix,
 )
+from swm_hub.core.texts import TextSource
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden, trace_batch
 from swm_hub.runtime.layerwise import activation_cache, trace_layerwise

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +47,10 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, CompileConfig, GenerationConfig
 
 from swm_hub.core.architectures import spec_for_config
-from swm_hub.core.devices import DTYPES, dtype_name
+from swm_hub.core.devices import DTYPES
 from swm_hub.core.errors import InvalidOptionError, UnknownModelError
 from swm_hub.core.files import ONNX_FOLDER
+from swm_hub.core.options import BenchOptions
 from swm_hub.results.bench import BenchReport, ModelBench, Stat
 from swm_hub.runtime.genai import GenaiModel, genai_folder, require_genai
 from swm_hub.runtime.loading import LoadedModel, pull
@@ -62,9 +63,7 @@ from swm_hub.runtime.ort import (
 )
 
 __all__ = [
-    "BACKENDS",
     "BENCH_PROMPT",
-    "Backend",
     "bench",
     "bench_loaded",
     "prompt_ids",
@@ -72,8 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnxruntime", "genai"]
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "genai")
+DEFAULT_BENCH = BenchOptions()
 BENCH_PROMPT: str = (
     "The library stood at the end of a quiet street, its windows glowing warmly against the winter dusk. "
     "Inside, an old librarian was sorting letters that had arrived from every corner of the country, each one "
@@ -85,17 +83,7 @@ _STATUS = Path("/proc/self/status")
 
 
 def bench(
-    model: str | Path,
-    baseline: str | Path | None = None,
-    backend: Backend = "torch",
-    device: str = "cpu",
-    prompt_tokens: int = 12,
-    new_tokens: int = 128,
-    runs: int = 5,
-    warmup: int = 1,
-    compiled: bool | None = None,
-    dtype: str | None = None,
-    threads: int | None = None,
+    model: str | Path, baseline: str | Path | None = None, options: BenchOptions = DEFAULT_BENCH
 ) -> BenchReport:
     """Measure the latency of ``model`` and, with ``baseline``, of the original beside it.
 
@@ -104,95 +92,58 @@ def bench(
             ``onnxruntime``, the folder of an ONNX export, or a model folder with an ``onnx/`` subfolder;
             for ``genai``, the folder of a genai export, or a model folder with a ``genai/`` subfolder.
         baseline: the same kind of name for the original model; the speedups are baseline over model.
-        backend: ``torch``, ``onnxruntime`` or ``genai`` (onnxruntime-genai's own generator, CPU only).
-        device: ``cpu`` or ``cuda``.
-        prompt_tokens: exact prompt length in tokens.
-        new_tokens: exact number of generated tokens (at least 2, so that decoding is measured).
-        runs: timed runs per model.
-        warmup: discarded runs per model before the timed ones (at least 1 on the compiled path, whose first
-            run compiles).
-        compiled: the static-cache ``torch.compile`` path; default on for torch on CUDA, and only possible
-            there.
-        dtype: ``float32``, ``bfloat16`` or ``float16`` for torch (``fp32``, ``bf16``, ``fp16`` also accepted;
-            default float16 on CUDA, float32 on CPU); ONNX Runtime runs the export's own dtype.
-        threads: CPU threads for torch and ONNX Runtime during the benchmark (default: theirs, one per core);
-            on a busy machine fewer threads than cores avoid stalls while threads wait for each other.
+        options: the backend, device, precision, lengths and runs (see ``BenchOptions``).
 
     Raises:
-        InvalidOptionError: a value out of range or a combination that cannot run.
         DeviceUnavailableError: ``cuda`` without a GPU (or without ONNX Runtime's CUDA provider).
+        MissingDependencyError: ``genai`` without onnxruntime-genai.
         UnknownModelError: a model that cannot be found, or a folder without an ONNX export.
     """
-    compiled = _check_options(backend, device, prompt_tokens, new_tokens, runs, warmup, compiled, dtype)
-    if threads is not None and threads < 1:
-        raise InvalidOptionError(f"--threads must be at least 1, got {threads}")
-    torch_dtype = DTYPES[dtype_name(dtype) if dtype is not None else _default_dtype(device)]
+    if options.backend == "genai":
+        require_genai()
+    check_device(options.device, onnx=options.backend == "onnxruntime")
     names = ([baseline] if baseline is not None else []) + [model]
-    with _torch_threads(threads):
-        runners = [_load(str(name), backend, device, torch_dtype, compiled, threads) for name in names]
-        return _run(
-            runners,
-            baseline is not None,
-            backend,
-            device,
-            compiled,
-            prompt_tokens,
-            new_tokens,
-            runs,
-            warmup,
-            threads,
-        )
+    with _torch_threads(options.threads):
+        runners = [_load(str(name), options) for name in names]
+        return _run(runners, baseline is not None, options)
 
 
 def bench_loaded(
-    model: LoadedModel,
-    baseline: LoadedModel | None = None,
-    device: str = "cpu",
-    prompt_tokens: int = 12,
-    new_tokens: int = 128,
-    runs: int = 5,
-    warmup: int = 1,
-    compiled: bool | None = None,
+    model: LoadedModel, baseline: LoadedModel | None = None, options: BenchOptions = DEFAULT_BENCH
 ) -> BenchReport:
-    """``bench`` for torch models already in memory and on ``device``.
+    """``bench`` for torch models already in memory and on ``options.device``.
 
     For example random weights of a published shape, built on the GPU without writing them to disk; the
     names in the report come from the models' sources.
     """
-    compiled = _check_options("torch", device, prompt_tokens, new_tokens, runs, warmup, compiled, None)
+    if options.backend != "torch":
+        raise InvalidOptionError(f"models in memory run on the torch backend, not {options.backend}")
+    check_device(options.device)
     loaded = ([baseline] if baseline is not None else []) + [model]
-    runners = [_torch_runner(item, item.source.display_name, device, compiled) for item in loaded]
-    return _run(
-        runners, baseline is not None, "torch", device, compiled, prompt_tokens, new_tokens, runs, warmup
-    )
+    runners = [_torch_runner(item, item.source.display_name, options) for item in loaded]
+    return _run(runners, baseline is not None, options)
 
 
-def _run(
-    runners: list[_Runner],
-    has_baseline: bool,
-    backend: str,
-    device: str,
-    compiled: bool,
-    prompt_tokens: int,
-    new_tokens: int,
-    runs: int,
-    warmup: int,
-    threads: int | None = None,
-) -> BenchReport:
+def _run(runners: list[_Runner], has_baseline: bool, options: BenchOptions) -> BenchReport:
     """Warm up, then alternate the timed runs of the loaded models (ABBA), and summarize each."""
-    warmup = max(warmup, 1) if compiled else warmup
+    backend, device, compiled = options.backend, options.device, options.uses_compile
+    warmup = max(options.warmup, 1) if compiled else options.warmup
     probe = _memory_probe(backend, device)
     load_before = _loadavg()
-    prompt = prompt_ids(runners[-1].tokenizer, prompt_tokens)
+    prompt = prompt_ids(runners[-1].tokenizer, options.prompt_tokens)
     samples: list[list[_Sample]] = [[] for _ in runners]
-    for run in range(warmup + runs):
+    for run in range(warmup + options.runs):
         order = list(range(len(runners)))
         for index in order if run % 2 == 0 else order[::-1]:
-            sample = _measure(runners[index], prompt, new_tokens, probe)
+            sample = _measure(runners[index], prompt, options.new_tokens, probe)
             if run >= warmup:
                 samples[index].append(sample)
-        logger.info("run %d of %d done (%s)", run + 1, warmup + runs, "warm-up" if run < warmup else "timed")
-    results = [_summarize(runner, taken, new_tokens) for runner, taken in zip(runners, samples, strict=True)]
+        logger.info(
+            "run %d of %d done (%s)", run + 1, warmup + options.runs, "warm-up" if run < warmup else "timed"
+        )
+    results = [
+        _summarize(runner, taken, options.new_tokens) for runner, taken in zip(runners, samples, strict=True)
+    ]
     dtype_name = _dtype_name(runners[-1].dtype)
     for runner in runners:
         runner.close()
@@ -201,14 +152,14 @@ def _run(
         device=device,
         dtype=dtype_name,
         compiled=compiled,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        runs=runs,
+        prompt_tokens=options.prompt_tokens,
+        new_tokens=options.new_tokens,
+        runs=options.runs,
         warmup=warmup,
         memory_method=probe.method,
         model=results[-1],
         baseline=results[0] if has_baseline else None,
-        environment=_environment(backend, device, load_before, threads),
+        environment=_environment(backend, device, load_before, options.threads),
     )
 
 
@@ -222,47 +173,6 @@ def prompt_ids(tokenizer: Any, length: int) -> torch.Tensor:
 
 
 # --- options -----------------------------------------------------------------------------------------------
-
-
-def _default_dtype(device: str) -> str:
-    """float16 on CUDA, where it is what is deployed; float32 on the CPU, whose float16 kernels are slow."""
-    return "float16" if device == "cuda" else "float32"
-
-
-def _check_options(
-    backend: str,
-    device: str,
-    prompt_tokens: int,
-    new_tokens: int,
-    runs: int,
-    warmup: int,
-    compiled: bool | None,
-    dtype: str | None,
-) -> bool:
-    """Validate the settings and return whether the compiled path is used."""
-    if backend not in BACKENDS:
-        raise InvalidOptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if prompt_tokens < 1 or new_tokens < 2 or runs < 1 or warmup < 0:
-        raise InvalidOptionError(
-            "bench needs --prompt-tokens >= 1, --new-tokens >= 2, --runs >= 1 and --warmup >= 0 "
-            f"(got {prompt_tokens}, {new_tokens}, {runs}, {warmup})"
-        )
-    if dtype is not None and backend != "torch":
-        raise InvalidOptionError(
-            f"--dtype applies to the torch backend; {backend} runs the export's own dtype"
-        )
-    if backend == "genai" and device != "cpu":
-        raise InvalidOptionError("--backend genai runs onnxruntime-genai's CPU build: use --device cpu")
-    if backend == "genai":
-        require_genai()
-    check_device(device, onnx=backend == "onnxruntime")
-    if compiled is None:
-        return backend == "torch" and device == "cuda"
-    if compiled and (backend != "torch" or device != "cuda"):
-        raise InvalidOptionError(
-            "the compiled path (static KV cache + torch.compile) needs --backend torch --device cuda"
-        )
-    return compiled
 
 
 # --- models ------------------------------------------------------------------------------------------------
@@ -302,28 +212,23 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _load(
-    name: str, backend: str, device: str, dtype: torch.dtype, compiled: bool, threads: int | None
-) -> _Runner:
-    logger.info("loading %s for %s on %s", name, backend, device)
-    if backend == "onnxruntime":
-        return _load_ort(name, device, threads)
-    if backend == "genai":
-        return _load_genai(name, threads)
-    return _load_torch(name, device, dtype, compiled)
+def _load(name: str, options: BenchOptions) -> _Runner:
+    logger.info("loading %s for %s on %s", name, options.backend, options.device)
+    if options.backend == "onnxruntime":
+        return _load_ort(name, options.device, options.threads)
+    if options.backend == "genai":
+        return _load_genai(name, options.threads)
+    loaded = pull(name, dtype=DTYPES[options.torch_dtype_name], device=options.device)
+    return _torch_runner(loaded, name, options)
 
 
-def _load_torch(name: str, device: str, dtype: torch.dtype, compiled: bool) -> _Runner:
-    return _torch_runner(pull(name, dtype=dtype, device=device), name, device, compiled)
-
-
-def _torch_runner(loaded: LoadedModel, name: str, device: str, compiled: bool) -> _Runner:
-    model = loaded.model
+def _torch_runner(loaded: LoadedModel, name: str, options: BenchOptions) -> _Runner:
+    model, device = loaded.model, options.device
     spec = spec_for_config(model.config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     kwargs: dict[str, Any] = {}
-    if compiled:
+    if options.uses_compile:
         # One CompileConfig per model: transformers recompiles when it gets a config that is not this one.
         kwargs = {"cache_implementation": "static", "compile_config": CompileConfig(mode="reduce-overhead")}
     return _Runner(

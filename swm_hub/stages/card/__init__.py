@@ -32,7 +32,6 @@ from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
 from swm_hub.core.architectures import spec_for
 from swm_hub.core.atomic import write_text_atomically
-from swm_hub.core.calibration import TextSource
 from swm_hub.core.errors import (
     CorruptWeightsError,
     ResultFileError,
@@ -41,10 +40,11 @@ from swm_hub.core.errors import (
     UnknownModelError,
 )
 from swm_hub.core.files import BENCH_FILE, CARD_FILE, EVAL_FILE, ONNX_FOLDER, SIMILARITY_JSON, SIMILARITY_PNG
+from swm_hub.core.headers import read_entries
 from swm_hub.core.merge_rules import MERGE_RULES, PAPER_URL
 from swm_hub.core.options import METHODS, MergeOptions
 from swm_hub.core.packaged_models import DEMO_NAMES, demo_gguf_on_disk
-from swm_hub.core.shards import read_header
+from swm_hub.core.texts import TextSource
 from swm_hub.results.bench import BenchFile, Measure, SavedBench, Stat
 from swm_hub.results.evaluation import EvalReport, ratios_to_best_drop
 from swm_hub.results.heal import HealInfo, heal_info
@@ -680,7 +680,7 @@ def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
-            shapes.update({spec.name: list(spec.shape) for spec in read_header(file)})
+            shapes.update({entry.name: list(entry.shape) for entry in read_entries(file)})
         except CorruptWeightsError as exc:
             logger.warning("cannot read the header of %s (%s): no parameter counts in the card", file, exc)
             return {}

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from swm_hub.core.architectures import spec_for_config
-from swm_hub.core.calibration import TextSource, blocks_by_kind
-from swm_hub.core.errors import InvalidOptionError
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, check_block_length
+from swm_hub.core.calibration import blocks_by_kind
+from swm_hub.core.options import CalibrationOptions, EvalOptions, check_block_length
 from swm_hub.core.similarity import io_redundancy, mean_cosine
+from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
@@ -32,7 +32,7 @@ from swm_hub.runtime.loading import LoadedModel, pull_for
 from swm_hub.runtime.tracing import calibration_batches, traced_calibration
 
 EVAL_BATCH = 8
-DEFAULT_EXECUTION = ExecutionOptions()
+DEFAULT_EVAL = EvalOptions()
 
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
 
@@ -179,26 +179,19 @@ def model_losses(
 
 def evaluate(
     model_dir: Path,
-    text: TextSource,
-    seq_len: int = 256,
-    blocks: int = 48,
-    baselines: Sequence[str] = tuple(DROP_RULES),
+    options: EvalOptions = DEFAULT_EVAL,
     progress: bool = False,
     base: LoadedModel | None = None,
-    execution: ExecutionOptions = DEFAULT_EXECUTION,
 ) -> EvalReport:
     """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
 
     ``base`` saves loading the base model again when the caller already holds it (``compress --eval``).
-    Models are pulled as ``execution`` says; layer-wise, none of them is ever whole in memory. On the shipped
-    held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's perplexity.
+    Models are pulled as ``options.execution`` says; layer-wise, none of them is ever whole in memory. On the
+    shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's
+    perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
     """
     plan = MergePlan.from_file(model_dir / PLAN_FILE)
-    unknown = sorted(set(baselines) - set(DROP_RULES))
-    if unknown:
-        raise InvalidOptionError(
-            f"unknown baseline {', '.join(unknown)}; choose from {', '.join(DROP_RULES)} or none"
-        )
+    execution, seq_len, blocks, text = options.execution, options.seq_len, options.blocks, options.source
     merged = pull_for(str(model_dir), None, execution)
     check_block_length(merged.config, seq_len)
     heldout = heldout_batches(merged.tokenizer, text, blocks, seq_len)
@@ -218,7 +211,7 @@ def evaluate(
         text=text.label,
         blocks=blocks,
         seq_len=seq_len,
-        rows=[base_row, merged_row, *_baseline_rows(base, plan, baselines, heldout, progress)],
+        rows=[base_row, merged_row, *_baseline_rows(base, plan, options.baselines, heldout, progress)],
     )
 
 

@@ -17,17 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from swm_hub.core.errors import InvalidOptionError, MissingDependencyError
+from swm_hub.core.options import PAPER_TASKS
 from swm_hub.results.zeroshot import TaskScore, ZeroShotReport
 
-PAPER_TASKS: tuple[str, ...] = (
-    "boolq",
-    "piqa",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
 EVAL_EXTRA = "pip install 'swm-hub[eval]'"
 _METRICS = ("acc", "acc_norm")
 

@@ -36,26 +36,23 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from swm_hub.core.architectures import ARCHITECTURES, ArchitectureSpec
-from swm_hub.core.devices import dtype_name
 from swm_hub.core.errors import (
     CorruptWeightsError,
     ExportMismatchError,
     GenaiExportUnsupportedError,
-    InvalidOptionError,
     UnknownModelError,
 )
 from swm_hub.core.files import CONFIG_FILE
+from swm_hub.core.options import DEFAULT_PRECISION, GENAI_PRECISIONS, dtype_name
+from swm_hub.core.options.export import GENAI_DEVICE, check_genai_options
 from swm_hub.runtime.checkpoint import output_folder
 from swm_hub.runtime.genai import GENAI_SUBFOLDER, GenaiModel, require_genai
 from swm_hub.runtime.loading import pull, resolve_source
 from swm_hub.stages.export.validate import VALIDATION_PROMPT, json_record
 
 __all__ = [
-    "DEFAULT_PRECISION",
-    "GENAI_PRECISIONS",
     "GenaiExportResult",
     "GenerationCheck",
-    "check_genai_options",
     "check_genai_support",
     "export_genai",
     "genai_exportable_model_types",
@@ -64,12 +61,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENAI_PRECISIONS: tuple[str, ...] = ("int4", "float32")
-# The model builder's own names for them.
+# The model builder's own names for the precisions.
 _BUILDER_PRECISIONS: Mapping[str, str] = {"int4": "int4", "float32": "fp32"}
-DEFAULT_PRECISION: str = "int4"
 VALIDATION_NEW_TOKENS: int = 8
-_EXECUTION_PROVIDER: str = "cpu"
 # The input is a local folder: no token lookup, so nothing the builder does can authenticate to the Hub.
 _BUILDER_OPTIONS: tuple[str, ...] = ("hf_token=false",)
 _BUILDER_MODULE: str = "onnxruntime_genai.models.builder"
@@ -247,19 +241,6 @@ def export_genai(
     return result
 
 
-def check_genai_options(precision: str, device: str) -> str:
-    """The precision's canonical name (``fp32`` is ``float32``); what the genai export cannot do is refused.
-
-    Called before any work, so that a wrong precision or device costs nothing.
-    """
-    precision = dtype_name(precision, flag="--precision", allowed=GENAI_PRECISIONS)
-    if device != _EXECUTION_PROVIDER:
-        raise InvalidOptionError(
-            f"the genai export is built for onnxruntime-genai's CPU provider, not {device!r}: use --device cpu"
-        )
-    return precision
-
-
 def genai_exportable_model_types() -> tuple[str, ...]:
     """The registry's model types the builder can build (shapes permitting), sorted."""
     return tuple(sorted(name for name in ARCHITECTURES if name not in _BUILDER_REFUSES))
@@ -364,7 +345,7 @@ def _build(folder: Path, output: Path, precision: str, model_type: str) -> None:
             str(folder),
             str(output),
             _BUILDER_PRECISIONS[precision],
-            _EXECUTION_PROVIDER,
+            GENAI_DEVICE,
             cache,
         )
         with _builder_output_to_debug_log():

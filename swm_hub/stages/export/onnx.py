@@ -44,9 +44,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from swm_hub.core.architectures import ARCHITECTURES, ArchitectureSpec, supported_model_types
-from swm_hub.core.devices import DTYPES, dtype_name
+from swm_hub.core.devices import DTYPES
 from swm_hub.core.errors import ExportUnsupportedError, InvalidOptionError
 from swm_hub.core.files import CONFIG_FILE, GENERATION_CONFIG_FILE, ONNX_FOLDER
+from swm_hub.core.options import ONNX_DTYPES, dtype_name
 from swm_hub.runtime.checkpoint import output_folder
 from swm_hub.runtime.loading import read_config_json, resolve_source
 from swm_hub.runtime.ort import (
@@ -62,7 +63,6 @@ from swm_hub.stages.export.validate import OutputCheck, json_record, validate_ex
 __all__ = [
     "EXTERNAL_DATA_SUFFIX",
     "FORCE_EXTERNAL_DATA_ENV",
-    "ONNX_DTYPES",
     "OPSET",
     "ExportResult",
     "check_onnx_support",
@@ -72,7 +72,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ONNX_DTYPES: tuple[str, ...] = tuple(MODEL_FILE_NAMES)
 OPSET: int = 17
 # All external tensors of ``model.onnx`` go into this one file beside it (``model.onnx_data``).
 EXTERNAL_DATA_SUFFIX: str = "_data"

@@ -28,10 +28,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swm_hub.core.architectures import spec_for_config
-from swm_hub.core.devices import DTYPES, dtype_name
+from swm_hub.core.devices import DTYPES
 from swm_hub.core.errors import (
     ExportMismatchError,
 )
+from swm_hub.core.options import dtype_name
 from swm_hub.runtime.ort import MODEL_FILE_NAMES, OrtCausalLM, check_device, position_ids
 
 __all__ = [

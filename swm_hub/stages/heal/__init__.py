@@ -19,14 +19,13 @@ swm_hub.cli heal ...`` trains data-parallel on several GPUs with the same code a
 from __future__ import annotations
 
 import gc
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,23 +33,28 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from swm_hub.core.architectures import spec_for_config
-from swm_hub.core.calibration import TextSource
+from swm_hub.core.devices import DTYPES
 from swm_hub.core.errors import (
     CalibrationDataError,
+    HealInterrupted,
     InvalidMergeError,
     InvalidOptionError,
     MissingDependencyError,
     UnknownModelError,
 )
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
+from swm_hub.core.options import (
+    CalibrationOptions,
+    ExecutionOptions,
+    HealOptions,
+    check_block_length,
+)
 from swm_hub.core.version import __version__
+from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime.checkpoint import build_skeleton, output_folder, save_model_folder, verify_folder_loads
 from swm_hub.runtime.layer_trace import decoder_layers
 from swm_hub.runtime.loading import LoadedModel, pull
 from swm_hub.runtime.tracing import calibration_batches
-from swm_hub.stages.card import write_card
-from swm_hub.stages.heal.compare import HealComparer
 from swm_hub.stages.heal.teacher import (
     CacheLayout,
     MemoryTeacher,
@@ -63,20 +67,20 @@ from swm_hub.stages.heal.teacher import (
 )
 from swm_hub.stages.heal.training import (
     CheckpointStore,
-    HealInterrupted,
     StepReport,
     Teacher,
     TrainingLog,
     TrainingPlan,
     train,
 )
-from swm_hub.stages.merge import calibration_of
 
 __all__ = [
     "ADAPTER_FOLDER",
-    "HEAL_HELP",
+    "CardWriter",
+    "ComparerFactory",
+    "HealComparing",
+    "HealFunction",
     "HealInterrupted",
-    "HealOptions",
     "HealRequest",
     "HealResult",
     "StepReport",
@@ -87,105 +91,33 @@ __all__ = [
     "heal_model",
 ]
 
+CardWriter = Callable[[Path, str], object]
+"""Writes the model card of a healed folder, given the name of its final place (the card stage's, via the pipeline)."""
+
+
+HealFunction = Callable[[PreTrainedModel, MergePlan], "tuple[PreTrainedModel, HealResult]"]
+"""Heals a compressed model of the given plan (the student, or the drop baseline), with the same options."""
+
+
+class HealComparing(Protocol):
+    """Heals the student and a drop baseline alike and measures both (the pipeline's ``HealComparer``)."""
+
+    def compare(
+        self,
+        plan: MergePlan,
+        student: PreTrainedModel,
+        tokens: int,
+        heal_student: HealFunction,
+        heal_baseline: HealFunction,
+    ) -> tuple[PreTrainedModel, HealResult, HealComparison]: ...
+
+
+ComparerFactory = Callable[[LoadedModel], HealComparing]
+"""Makes the comparison for the base model, once ``heal`` has loaded it as the teacher."""
+
 ADAPTER_FOLDER = "adapter"
 CACHE_FOLDER = "teacher-cache"
-MODULE_CHOICES: tuple[str, ...] = ("merged", "all")
-TEACHER_CACHE_MODES: tuple[str, ...] = ("auto", "memory", "disk")
 PEFT_INSTALL = 'pip install "swm-hub[heal]"'
-
-HEAL_HELP: dict[str, str] = {
-    "tokens": "training budget in tokens (steps = tokens // (batch size x sequence length))",
-    "rank": "LoRA rank of each adapter",
-    "alpha": "LoRA alpha (the adapter's output is scaled by alpha / rank)",
-    "lr": "peak learning rate (AdamW; linear warm-up over the first 5% of the steps, then cosine decay)",
-    "modules": "which layers get adapters: all (every decoder layer) or merged (the consolidated layer of each "
-    "merged window)",
-    "seq_len": "tokens per training block",
-    "batch_size": "training blocks per optimizer step, over all processes together",
-    "seed": "seed of the adapters' initialisation and of the order of the training blocks",
-    "hidden_weight": "weight of the hidden-state MSE at each merged window's boundary, beside the KL (0: KL only)",
-    "checkpoint_every": "write a checkpoint every this many steps (0: only when interrupted and at the end)",
-    "teacher_cache": "where the original model's outputs come from: memory (the model beside the student), disk "
-    "(its top-k log-probabilities computed once and stored in the checkpoint folder, then the model freed) or "
-    "auto (memory when both models fit on the device)",
-    "top_k": "with the disk cache: teacher probabilities kept per position (the rest of the mass is one bucket)",
-    "device": "where the models train: cpu, cuda (one GPU per process: run several with accelerate launch) "
-    "or auto (cuda when a GPU is visible)",
-    "calib": "training text, a plain-text or JSONL file (a 'text' field per line); default: the plan's "
-    "calibration text",
-}
-
-
-@dataclass(frozen=True)
-class HealOptions:
-    """How to heal: the budget, the adapters, the optimisation, and where the teacher's outputs come from."""
-
-    tokens: int = 200_000
-    rank: int = 8
-    alpha: int = 16
-    lr: float = 2e-4
-    modules: str = "all"
-    seq_len: int = 256
-    batch_size: int = 4
-    seed: int = 0
-    hidden_weight: float = 0.0
-    checkpoint_every: int = 50
-    teacher_cache: str = "auto"
-    top_k: int = 64
-    calib: Path | None = None
-    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
-
-    def __post_init__(self) -> None:
-        self._check_counts()
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InvalidOptionError(f"--lr must be a finite number above 0, got {self.lr}")
-        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
-            raise InvalidOptionError(
-                f"--hidden-weight must be a finite number of at least 0, got {self.hidden_weight}"
-            )
-        for flag, choice, allowed in (
-            ("--modules", self.modules, MODULE_CHOICES),
-            ("--teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES),
-        ):
-            if choice not in allowed:
-                raise InvalidOptionError(f"{flag} must be one of {', '.join(allowed)}, got {choice!r}")
-        if self.execution.mode == "layerwise":
-            raise InvalidOptionError(
-                "heal trains the compressed model in memory, so --execution layerwise does not apply to it; "
-                "on a model larger than the device, --teacher-cache disk keeps only the student there"
-            )
-
-    def _check_counts(self) -> None:
-        for flag, value, least in (
-            ("--tokens", self.tokens, 1),
-            ("--rank", self.rank, 1),
-            ("--alpha", self.alpha, 1),
-            ("--seq-len", self.seq_len, 8),
-            ("--batch-size", self.batch_size, 1),
-            ("--seed", self.seed, 0),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--top-k", self.top_k, 1),
-        ):
-            if value < least:
-                raise InvalidOptionError(f"{flag} must be at least {least}, got {value}")
-        step = self.batch_size * self.seq_len
-        if self.tokens < step:
-            raise InvalidOptionError(
-                f"--tokens {self.tokens} is less than one step ({self.batch_size} blocks x {self.seq_len} "
-                f"tokens = {step}): raise --tokens or lower --batch-size/--seq-len"
-            )
-
-    @property
-    def steps(self) -> int:
-        """Whole steps within the budget: the budget is a ceiling, never exceeded."""
-        return self.tokens // (self.batch_size * self.seq_len)
-
-    def record(self) -> dict[str, Any]:
-        """The options as the plan records them (JSON values; the text and device are recorded apart)."""
-        raw = asdict(self)
-        raw.pop("execution")
-        raw.pop("calib")
-        return raw
 
 
 @dataclass(frozen=True)
@@ -235,17 +167,17 @@ def heal(
     keep_adapter: bool = False,
     progress: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
-    compare: bool = False,
-    heldout: Path | None = None,
+    compare: ComparerFactory | None = None,
+    card: CardWriter | None = None,
 ) -> HealResult:
     """Heal the compressed model in ``folder`` into a new folder ``out`` (default: ``FOLDER-healed``).
 
     The output is written like every output (a temporary folder beside ``out``, moved into place once). The
     checkpoints go into ``checkpoint_folder(out)`` and are deleted once the output is in place. Under
     ``accelerate launch`` every process trains and the main one writes; the others return a result
-    without ``output_dir``. With ``compare``, the block-influence drop baseline is healed the same way and
-    held-out perplexity before and after healing (on ``heldout``, default the shipped held-out split, in
-    blocks of the training length) is saved as ``heal.json`` (see ``compare``).
+    without ``output_dir``. With ``compare`` (the pipeline's, which builds and measures the drop baseline
+    with the merge and evaluate stages), the baseline is healed the same way and the comparison is saved as
+    ``heal.json``. With ``card``, the healed folder gets its model card.
 
     Raises:
         HealInterrupted: Ctrl-C stopped the training; run again with ``resume=True``.
@@ -255,7 +187,7 @@ def heal(
     out = Path(out) if out is not None else folder.with_name(f"{folder.name}-healed")
     plan = read_plan(folder)
     _require_peft()
-    if compare and options.teacher_cache == "disk":
+    if compare is not None and options.teacher_cache == "disk":
         raise InvalidOptionError(
             "--compare measures the base model and heals a drop baseline from it, so it needs the base model in "
             "memory: drop --teacher-cache disk, or drop --compare"
@@ -266,7 +198,9 @@ def heal(
     protected = [path for path in (folder, Path(plan.model).expanduser()) if path.exists()]
     main = bool(make_accelerator(options.execution).is_main_process)
     with output_folder(out, overwrite, protected=protected) if main else nullcontext(None) as temp:
-        student, teacher = _load_models(folder, plan, options, store_folder, resume, progress, compare)
+        student, teacher = _load_models(
+            folder, plan, options, store_folder, resume, progress, compare is not None
+        )
         original = teacher.model if isinstance(teacher, LoadedModel) else teacher
 
         def heal_student(model: PreTrainedModel, model_plan: MergePlan) -> tuple[PreTrainedModel, HealResult]:
@@ -285,7 +219,7 @@ def heal(
                 adapter_base=folder.absolute().name,  # a name, not the user's path: the folder may be pushed
             )
 
-        if compare and isinstance(teacher, LoadedModel):
+        if compare is not None and isinstance(teacher, LoadedModel):
 
             def heal_baseline(
                 model: PreTrainedModel, model_plan: MergePlan
@@ -294,10 +228,7 @@ def heal(
                     model, teacher.model, model_plan, student.tokenizer, options, progress=progress
                 )
 
-            comparer = HealComparer(
-                teacher, TextSource(path=heldout, split="heldout"), seq_len=options.seq_len, progress=progress
-            )
-            healed, result, comparison = comparer.compare(
+            healed, result, comparison = compare(teacher).compare(
                 plan, student.model, options.tokens, heal_student, heal_baseline
             )
             if temp is not None:
@@ -306,7 +237,8 @@ def heal(
             healed, result = heal_student(student.model, plan)
         if temp is not None:
             write_healed(healed, student, result.plan, temp)
-            write_card(temp, name=out.name)
+            if card is not None:
+                card(temp, out.name)
     make_accelerator(options.execution).wait_for_everyone()
     if not main:
         return result
@@ -369,7 +301,7 @@ def heal_into(
         )
     plan = read_plan(folder)
     execution = replace(options.execution, mode="whole")
-    student = pull(str(folder), dtype=execution.torch_dtype, device="cpu", execution="whole")
+    student = pull(str(folder), dtype=DTYPES[execution.dtype], device="cpu", execution="whole")
     refuse_checkpoint_state(store_folder, resume)
     healed, result = heal_model(
         student.model,
@@ -491,8 +423,8 @@ def training_calibration(plan: MergePlan, options: HealOptions, samples: int) ->
         return CalibrationOptions(
             text=options.calib, samples=samples, seq_len=options.seq_len, batch_size=samples
         )
-    recorded = calibration_of(plan, MergeOptions())
-    return replace(recorded, samples=samples, seq_len=options.seq_len, batch_size=samples)
+    recorded = CalibrationOptions.recorded(plan.calibration, batch_size=samples)
+    return replace(recorded, samples=samples, seq_len=options.seq_len)
 
 
 def training_blocks(tokenizer: Any, plan: MergePlan, options: HealOptions) -> tuple[torch.Tensor, str]:
@@ -722,7 +654,7 @@ def _load_models(
     With the disk cache the teacher runs (or its finished cache is found) before the student is loaded,
     and is freed before the student comes in; otherwise both are loaded.
     """
-    dtype = options.execution.torch_dtype
+    dtype = DTYPES[options.execution.dtype]
     accelerator = make_accelerator(options.execution)
     skeleton = build_skeleton(AutoConfig.from_pretrained(folder).to_dict(), dtype)
     estimate = estimate_memory(skeleton, plan.num_layers, dtype, options.batch_size, options.seq_len)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from swm_hub.core.atomic import is_marked, mark, write_text_atomically
-from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.errors import HealInterrupted, InvalidOptionError
 
 LATEST_FILE = "latest.json"
 IDENTITY_FILE = "identity.json"
@@ -47,22 +47,6 @@ WARMUP_SHARE = 20
 MAX_GRAD_NORM = 1.0
 CURVE_POINTS = 20
 """The loss curve in the plan is summarised as averages over about this many equal runs of steps."""
-
-
-class HealInterrupted(Exception):  # noqa: N818  (an interruption the user asked for, not an error)
-    """Training stopped at a step boundary on Ctrl-C; a checkpoint to resume from was written.
-
-    Attributes:
-        step: the steps done (and saved); steps: the steps the budget asks for.
-        checkpoint: the folder ``--resume`` continues from, or None when none could be written.
-    """
-
-    def __init__(self, step: int, steps: int, checkpoint: Path | None) -> None:
-        self.step = step
-        self.steps = steps
-        self.checkpoint = checkpoint
-        where = f"checkpoint in {checkpoint}" if checkpoint is not None else "no checkpoint could be written"
-        super().__init__(f"heal interrupted after step {step} of {steps}; {where}")
 
 
 # --- the loss ----------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
@@ -40,12 +40,13 @@ from swm_hub.core.errors import (
 )
 from swm_hub.core.files import CARD_FILE
 from swm_hub.core.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
+from swm_hub.core.options import PushOptions
+from swm_hub.core.program import program_name
 from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.push import PushResult, UploadFile, size_text
 
 __all__ = [
     "default_repo_id",
-    "program_name",
     "push",
     "retry_command",
     "upload_files",
@@ -57,10 +58,7 @@ TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".incomplete", ".lock", ".par
 """File name endings that mark a file as unfinished; such files are never uploaded."""
 SKIPPED_DIRS: frozenset[str] = frozenset({"__pycache__"})
 USER_PLACEHOLDER: str = "<your-username>"
-COMMAND: str = "swm-hub"
-EXTENSION_EXECUTABLE: str = "hf-swm"
-"""The console script that the ``hf`` CLI runs for ``hf swm ...`` once swm-hub is installed as its extension."""
-EXTENSION_COMMAND: str = "hf swm"
+DEFAULT_PUSH = PushOptions()
 _DETAIL_CHARS = 300
 # What a failed push raises: HTTP and connection errors, file errors, and a failed upload (a RuntimeError).
 _FAILURES: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError, *HTTP_ERRORS)
@@ -74,12 +72,7 @@ The pipeline passes the card stage's ``render_card``; push itself knows nothing 
 
 def push(
     folder: Path,
-    repo_id: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    dry_run: bool = False,
+    options: PushOptions = DEFAULT_PUSH,
     token: str | None = None,
     endpoint: str | None = None,
     card: CardRenderer | None = None,
@@ -88,13 +81,10 @@ def push(
 
     Args:
         folder: a folder written by ``swm-hub compress``.
-        repo_id: the target repository; default ``<user>/<base-name>-swm-<N>L`` for the token's user.
-        private: create the repository as private (an existing repository keeps its visibility).
-        revision: the branch to commit to (created from the default branch when missing, unless
-            ``create_pr``); default the default branch.
-        create_pr: open a pull request with the commit instead of committing to the branch.
-        commit_message: the commit title; default one that names the base model and the layer counts.
-        dry_run: list what would be uploaded, with sizes; no token needed and no network call made.
+        options: the target (see ``PushOptions``): ``repo_id`` defaults to ``<user>/<base-name>-swm-<N>L`` for
+            the token's user; ``private`` applies to a repository it creates; ``revision`` is a branch,
+            created from the default branch when missing (unless ``create_pr``); ``dry_run`` lists what
+            would be uploaded, with sizes, with no token and no network call.
         token: a Hub token; default the one ``huggingface_hub`` finds (``HF_TOKEN``, then the login file).
         endpoint: the Hub's URL; it must be HF_ENDPOINT's (default https://huggingface.co), which is how
             another Hub is chosen (see ``_check_endpoint``).
@@ -110,8 +100,9 @@ def push(
     """
     folder = Path(folder)
     plan = _read_plan(folder)
-    retry = retry_command(folder, repo_id, private, revision, create_pr, commit_message)
-    if dry_run:
+    repo_id, revision, create_pr = options.repo_id, options.revision, options.create_pr
+    retry = retry_command(folder, options)
+    if options.dry_run:
         shown = repo_id or f"{USER_PLACEHOLDER}/{default_repo_name(plan)}"
         files = _with_card(folder, upload_files(folder), shown, card)[0]
         return PushResult(repo_id=shown, revision=revision, create_pr=create_pr, dry_run=True, files=files)
@@ -123,11 +114,11 @@ def push(
     try:
         if repo_id is None:
             repo_id = default_repo_id(folder, token, endpoint)
-            retry = retry_command(folder, repo_id, private, revision, create_pr, commit_message)
+            retry = retry_command(folder, replace(options, repo_id=repo_id))
         files, card_bytes = _with_card(folder, upload_files(folder), repo_id, card)
-        message = commit_message or _default_message(plan, repo_id)
+        message = options.commit_message or _default_message(plan, repo_id)
         logger.info("pushing %d files (%s) to %s", len(files), size_text(sum(f.size for f in files)), repo_id)
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_url = api.create_repo(repo_id, private=options.private, exist_ok=True, repo_type="model")
         if revision is not None and not create_pr and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         # huggingface_hub drops files the revision already holds, and makes no commit (nor pull request)
@@ -171,38 +162,20 @@ def default_repo_id(folder: Path, token: str | None = None, endpoint: str | None
     return f"{user}/{default_repo_name(plan)}"
 
 
-def retry_command(
-    folder: Path,
-    repo_id: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-) -> str:
+def retry_command(folder: Path, options: PushOptions = DEFAULT_PUSH) -> str:
     """The ``push`` command that repeats this push (never with a token: that comes from the login)."""
     parts = [*shlex.split(program_name()), "push", str(folder)]
-    if repo_id is not None:
-        parts += ["--repo-id", repo_id]
-    if private:
+    if options.repo_id is not None:
+        parts += ["--repo-id", options.repo_id]
+    if options.private:
         parts.append("--private")
-    if revision is not None:
-        parts += ["--revision", revision]
-    if create_pr:
+    if options.revision is not None:
+        parts += ["--revision", options.revision]
+    if options.create_pr:
         parts.append("--create-pr")
-    if commit_message is not None:
-        parts += ["--commit-message", commit_message]
+    if options.commit_message is not None:
+        parts += ["--commit-message", options.commit_message]
     return shlex.join(parts)
-
-
-def program_name(executable: str | None = None) -> str:
-    """How the user runs swm-hub: ``hf swm`` when run as the ``hf`` CLI's extension, else ``swm-hub``.
-
-    ``hf swm ...`` starts the ``hf-swm`` executable (by its path, with no other trace of ``hf``), so the name
-    it was started by (``sys.argv[0]`` by default) is what tells. A command to retry must be spelt that way:
-    the extension's own virtual environment, which holds ``swm-hub`` too, is not on the user's PATH.
-    """
-    name = Path(sys.argv[0] if executable is None else executable).name
-    return EXTENSION_COMMAND if name.removesuffix(".exe") == EXTENSION_EXECUTABLE else COMMAND
 
 
 def upload_files(folder: Path) -> list[UploadFile]:

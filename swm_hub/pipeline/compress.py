@@ -1,49 +1,24 @@
-"""The stages in the order a user runs them; each function reads as the recipe it is."""
+"""``compress``: pull, merge, then heal, evaluate, export, write the card and push, as asked; the full recipe."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from swm_hub.core.atomic import check_free_space, write_errors_reported
-from swm_hub.core.calibration import TextSource
-from swm_hub.core.options import CalibrationOptions, ExecutionOptions, MergeOptions, check_block_length
+from swm_hub.core.atomic import check_free_space
+from swm_hub.core.options import EvalOptions, ExecutionOptions, ExportOptions, MergeOptions, PushOptions
+from swm_hub.pipeline.push import check_push, push_folder
 from swm_hub.results.plan import MergePlan
-from swm_hub.results.push import PushResult
-from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.checkpoint import output_folder
 from swm_hub.runtime.loading import pull_for
-from swm_hub.stages.analyze import analyze_model
-from swm_hub.stages.card import render_card, write_card
+from swm_hub.stages.card import write_card
 from swm_hub.stages.evaluate import evaluate
 from swm_hub.stages.export import export
 from swm_hub.stages.heal import HealRequest
 from swm_hub.stages.merge import MergeResult, merge_into
-from swm_hub.stages.push import push
-from swm_hub.stages.push.checks import check_push_access
 
 DEFAULT_MERGE = MergeOptions()
-DEFAULT_CALIBRATION = CalibrationOptions()
 DEFAULT_EXECUTION = ExecutionOptions()
-
-
-def analyze(
-    model: str,
-    out_dir: Path | None = None,
-    metric: str = "linear_cka",
-    calibration: CalibrationOptions = DEFAULT_CALIBRATION,
-    max_tokens: int = 1024,
-    revision: str | None = None,
-    progress: bool = False,
-    execution: ExecutionOptions = DEFAULT_EXECUTION,
-) -> SimilarityReport:
-    """Pull ``model`` and measure how alike its layers are; with ``out_dir``, save JSON and heatmap there."""
-    loaded = pull_for(model, revision, execution)
-    check_block_length(loaded.config, calibration.seq_len)
-    with write_errors_reported(out_dir) if out_dir is not None else nullcontext():
-        return analyze_model(loaded, metric, calibration, max_tokens, out_dir, progress)
 
 
 def compress(
@@ -55,8 +30,8 @@ def compress(
     overwrite: bool = False,
     progress: bool = False,
     run_eval: bool = False,
-    export_formats: Sequence[str] = (),
-    push_to: PushRequest | None = None,
+    export_to: ExportOptions | None = None,
+    push_to: PushOptions | None = None,
     execution: ExecutionOptions = DEFAULT_EXECUTION,
     heal: HealRequest | None = None,
 ) -> MergeResult:
@@ -74,29 +49,28 @@ def compress(
     # calibration text are read later.
     inputs = [path for path in (Path(model).expanduser(), options.calibration.text) if path]
     if push_to is not None:
-        push_to.check()
+        check_push(push_to)
     if heal is not None:
         heal.check(Path(out), execution)
     with output_folder(out, overwrite, protected=[path for path in inputs if path.exists()]) as temp:
-        check_output_space(temp, Path(model).expanduser(), len(export_formats))
+        exports = len(set(export_to.formats)) if export_to is not None else 0
+        check_output_space(temp, Path(model).expanduser(), exports)
         loaded = pull_for(model, revision, execution)
         result = merge_into(loaded, temp, options, plan=plan, progress=progress)
         if heal is not None:  # the base model is the teacher; the checkpoints go beside out
             result = replace(result, plan=heal.run(temp, loaded, Path(out), progress).plan)
         if run_eval:
-            report = evaluate(
-                temp, TextSource(split="heldout"), progress=progress, base=loaded, execution=execution
-            )
+            report = evaluate(temp, EvalOptions(execution=execution), progress=progress, base=loaded)
             report.save(temp)
             result = replace(result, evaluation=report)
-        if export_formats:
-            export(temp, export_formats)
+        if export_to is not None:
+            export(temp, export_to)
         write_card(temp, name=Path(out).name)
     result = replace(result, output_dir=Path(out))
     if heal is not None:
         heal.finish(Path(out))
     if push_to is not None:
-        result = replace(result, pushed=push_to.run(Path(out)))
+        result = replace(result, pushed=push_folder(Path(out), push_to))
     return result
 
 
@@ -111,31 +85,3 @@ def check_output_space(folder: Path, model: Path, exports: int) -> None:
     weights = sum(path.stat().st_size for path in model.glob("*.safetensors"))
     weights += sum(path.stat().st_size for path in model.glob("*.bin"))
     check_free_space(folder, weights * (1 + exports), f"the compressed model ({model.name})")
-
-
-@dataclass(frozen=True)
-class PushRequest:
-    """Where and how ``compress --push`` uploads; the defaults are those of ``swm-hub push``."""
-
-    repo_id: str | None = None
-    private: bool = False
-    revision: str | None = None
-    create_pr: bool = False
-    commit_message: str | None = None
-    dry_run: bool = False
-
-    def check(self) -> None:
-        """Refuse a push that cannot succeed (no token, no write access) before any work is done."""
-        check_push_access(self.repo_id, dry_run=self.dry_run)
-
-    def run(self, folder: Path) -> PushResult:
-        return push(
-            folder,
-            repo_id=self.repo_id,
-            private=self.private,
-            revision=self.revision,
-            create_pr=self.create_pr,
-            commit_message=self.commit_message,
-            dry_run=self.dry_run,
-            card=render_card,
-        )

@@ -4,20 +4,22 @@ A healed merged model beats an unhealed drop baseline by construction; the quest
 merging still wins once both are healed with the same budget. This measures held-out perplexity (overall
 and per kind of text) of the base model, of the merged model before and after healing, and of ShortGPT's
 Block Influence dropping of as many layers before and after the same heal, into a ``HealComparison``.
+It lives in the pipeline because it joins three stages: the merge stage builds the dropped model, the
+evaluate stage chooses its layers and measures perplexity, and the heal stage, which is handed this
+comparer, heals both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from torch import nn
 from transformers import PreTrainedModel
 
-from swm_hub.core.calibration import TextSource
-from swm_hub.core.options import CalibrationOptions, MergeOptions
+from swm_hub.core.options import CalibrationOptions
+from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import PerplexityRow
 from swm_hub.results.heal import HealComparison, HealComparisonRow
 from swm_hub.results.plan import MergePlan
@@ -31,17 +33,12 @@ from swm_hub.stages.evaluate import (
     heldout_batches,
     windows_for_dropped,
 )
-from swm_hub.stages.merge import build_merged_model, calibration_of
-
-if TYPE_CHECKING:
-    from swm_hub.stages.heal import HealResult
+from swm_hub.stages.heal import HealFunction, HealResult
+from swm_hub.stages.merge import build_merged_model
 
 COMPARE_BLOCKS = 48
 COMPARE_SEQ_LEN = 256
 DROP_RULE = "drop-bi"
-
-HealFunction = Callable[[PreTrainedModel, MergePlan], "tuple[PreTrainedModel, HealResult]"]
-"""Heals a compressed model of the given plan (the student, or the drop baseline), with the same options."""
 
 
 def drop_plan_for(plan: MergePlan, traces: Sequence[BatchTrace], rule: str = DROP_RULE) -> MergePlan:
@@ -94,7 +91,8 @@ class HealComparer:
 
     def drop_baseline(self, plan: MergePlan) -> tuple[PreTrainedModel, MergePlan]:
         """The drop baseline of ``plan`` as a model of its own, and its plan."""
-        drop_plan = drop_plan_for(plan, self.traces(calibration_of(plan, MergeOptions())))
+        calibration = CalibrationOptions.recorded(plan.calibration, CalibrationOptions.batch_size)
+        drop_plan = drop_plan_for(plan, self.traces(calibration))
         return build_merged_model(self.base, drop_plan, []), drop_plan
 
     def compare(

@@ -1,0 +1,67 @@
+"""``swm-hub analyze``: how alike the decoder layers are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swm_hub.cli.common import (
+    BatchOpt,
+    CalibKindsOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExecutionOpt,
+    ModelArg,
+    QuietOpt,
+    RevisionOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    calibration_options,
+    echo,
+)
+from swm_hub.core.options import HELP, CalibrationOptions, ExecutionOptions
+from swm_hub.core.progress import configure, quiet_requested
+
+EXAMPLES = """\b
+Examples:
+  swm-hub analyze smollm2
+  swm-hub analyze Qwen/Qwen2.5-0.5B --metric rbf_cka --out qwen-analysis
+  swm-hub analyze ./my-model --calib notes.txt --samples 16
+"""
+
+
+def analyze(
+    model: ModelArg,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="folder for similarity.json and similarity.png")
+    ] = None,
+    metric: Annotated[str, typer.Option("--metric", help=HELP["metric"])] = "linear_cka",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help=HELP["max_tokens"])] = 1024,
+    calib: CalibOpt = None,
+    calib_kinds: CalibKindsOpt = None,
+    samples: SamplesOpt = CalibrationOptions.samples,
+    seq_len: SeqLenOpt = CalibrationOptions.seq_len,
+    batch_size: BatchOpt = CalibrationOptions.batch_size,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    execution: ExecutionOpt = ExecutionOptions.mode,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure how alike the decoder layers are: a similarity matrix, per-layer redundancy, and a heatmap.
+
+    Writes similarity.json and similarity.png (default folder: <model name>-analysis) and prints where
+    the redundant layers are.
+    """
+    progress = configure(quiet_requested(quiet))
+    calibration = calibration_options(calib, calib_kinds, samples, seq_len, batch_size)
+    run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
+    folder = out or Path(f"{Path(model.split('@')[0]).name.removesuffix('.gguf')}-analysis")
+    from swm_hub.pipeline.analyze import analyze as run_analysis  # the stages load once the options are valid
+
+    report = run_analysis(model, folder, metric, calibration, max_tokens, revision, progress, run_on)
+    echo(report.summary_lines())
+    echo(f"wrote {folder / 'similarity.json'} and {folder / 'similarity.png'}")

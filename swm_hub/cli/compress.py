@@ -1,0 +1,196 @@
+"""``swm-hub compress``: merge redundant layers and write the smaller model, then heal, eval, export, push."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swm_hub.cli.common import (
+    BatchOpt,
+    CalibKindsOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExecutionOpt,
+    ModelArg,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    calibration_options,
+    echo,
+)
+from swm_hub.core import errors
+from swm_hub.core.options import (
+    HEAL_HELP,
+    HELP,
+    CalibrationOptions,
+    ExecutionOptions,
+    ExportOptions,
+    HealOptions,
+    MergeOptions,
+    PushOptions,
+)
+from swm_hub.core.progress import configure, quiet_requested
+
+EXAMPLES = """\b
+Examples:
+  swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L
+  swm-hub compress meta-llama/Llama-2-7b-hf --ratio 0.2 --out llama2-swm
+  swm-hub compress ./my-model --threshold 0.95 --out my-model-swm
+  swm-hub compress smollm2 --method swm-paper --ratio 0.2 --out smollm2-paper
+  swm-hub compress smollm2 --target-layers 24 --merge laco --out smollm2-laco
+  swm-hub compress smollm2 --plan smollm2-swm-24L/swm_plan.json --out again
+  swm-hub compress ./llama-13b --ratio 0.25 --execution layerwise --dtype bfloat16 --out llama-13b-swm
+  swm-hub compress smollm2 --target-layers 21 --out smollm2-swm-21L-healed --heal --heal-tokens 100000
+"""
+
+
+def compress(
+    model: ModelArg,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="folder for the compressed model", show_default=False)
+    ],
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help=HELP["threshold"], show_default=False)
+    ] = None,
+    target_layers: Annotated[
+        int | None, typer.Option("--target-layers", help=HELP["target_layers"], show_default=False)
+    ] = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", help=HELP["ratio"], show_default=False)] = None,
+    method: Annotated[str, typer.Option("--method", help=HELP["method"])] = "swm-fit",
+    merge: Annotated[str | None, typer.Option("--merge", help=HELP["merge"], show_default=False)] = None,
+    ridge: Annotated[float, typer.Option("--ridge", help=HELP["ridge"])] = MergeOptions.ridge,
+    plan: Annotated[
+        Path | None,
+        typer.Option("--plan", help="apply a saved swm_plan.json instead of searching", show_default=False),
+    ] = None,
+    calib: CalibOpt = None,
+    calib_kinds: CalibKindsOpt = None,
+    samples: SamplesOpt = CalibrationOptions.samples,
+    seq_len: SeqLenOpt = CalibrationOptions.seq_len,
+    batch_size: BatchOpt = CalibrationOptions.batch_size,
+    revision: RevisionOpt = None,
+    overwrite: OverwriteOpt = False,
+    run_eval: Annotated[
+        bool,
+        typer.Option("--eval", help="also measure held-out perplexity vs the base model and drop baselines"),
+    ] = False,
+    export_format: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--export",
+            help="also export: onnx (into OUT/onnx) or genai (int4, into OUT/genai)",
+            show_default=False,
+        ),
+    ] = None,
+    push_repo: Annotated[
+        bool, typer.Option("--push", help="upload the result to the Hub (see 'swm-hub push --help')")
+    ] = False,
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="with --push: the Hub repo", show_default=False)
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="with --push: create the repo private")] = False,
+    heal_model: Annotated[
+        bool, typer.Option("--heal", help="then heal the merged model (see 'swm-hub heal --help')")
+    ] = False,
+    heal_tokens: Annotated[int, typer.Option("--heal-tokens", help=HEAL_HELP["tokens"])] = HealOptions.tokens,
+    heal_rank: Annotated[int, typer.Option("--heal-rank", help=HEAL_HELP["rank"])] = HealOptions.rank,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help=HEAL_HELP["lr"])] = HealOptions.lr,
+    heal_modules: Annotated[
+        str, typer.Option("--heal-modules", help=HEAL_HELP["modules"])
+    ] = HealOptions.modules,
+    heal_seq_len: Annotated[
+        int, typer.Option("--heal-seq-len", help=HEAL_HELP["seq_len"])
+    ] = HealOptions.seq_len,
+    heal_batch_size: Annotated[
+        int, typer.Option("--heal-batch-size", help=HEAL_HELP["batch_size"])
+    ] = HealOptions.batch_size,
+    heal_seed: Annotated[int, typer.Option("--heal-seed", help=HEAL_HELP["seed"])] = HealOptions.seed,
+    heal_hidden_weight: Annotated[
+        float, typer.Option("--heal-hidden-weight", help=HEAL_HELP["hidden_weight"])
+    ] = HealOptions.hidden_weight,
+    heal_teacher_cache: Annotated[
+        str, typer.Option("--heal-teacher-cache", help=HEAL_HELP["teacher_cache"])
+    ] = HealOptions.teacher_cache,
+    heal_resume: Annotated[
+        bool, typer.Option("--heal-resume", help="continue an interrupted --heal from its checkpoint")
+    ] = False,
+    device: DeviceOpt = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    execution: ExecutionOpt = ExecutionOptions.mode,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
+
+    Say how much to remove with one of --target-layers, --ratio or --threshold (default: the method's
+    threshold). The output folder holds safetensors (sharded above 2 GB), the rewritten config.json, the tokenizer,
+    the generation config and swm_plan.json (the windows and every score that chose them).
+    """
+    if plan is not None:
+        _refuse_with_plan(threshold=threshold, target_layers=target_layers, ratio=ratio, merge=merge)
+    progress = configure(quiet_requested(quiet))
+    options = MergeOptions(
+        threshold=threshold,
+        target_layers=target_layers,
+        ratio=ratio,
+        method=method,
+        merge=merge,
+        ridge=ridge,
+        calibration=calibration_options(calib, calib_kinds, samples, seq_len, batch_size),
+    )
+    heal_options = HealOptions(
+        tokens=heal_tokens,
+        rank=heal_rank,
+        lr=heal_lr,
+        modules=heal_modules,
+        seq_len=heal_seq_len,
+        batch_size=heal_batch_size,
+        seed=heal_seed,
+        hidden_weight=heal_hidden_weight,
+        teacher_cache=heal_teacher_cache,
+        execution=ExecutionOptions(device=device, dtype=dtype, mode="whole"),
+    )
+    export_to = ExportOptions(formats=tuple(export_format)) if export_format else None
+    push_to = PushOptions(repo_id=repo_id, private=private) if push_repo else None
+    from swm_hub.pipeline.compress import (
+        compress as run_compress,  # the stages load once the options are valid
+    )
+    from swm_hub.stages.heal import HealRequest, HealResult
+
+    result = run_compress(
+        model,
+        out,
+        options,
+        plan,
+        revision,
+        overwrite,
+        progress,
+        run_eval=run_eval,
+        export_to=export_to,
+        push_to=push_to,
+        execution=ExecutionOptions(device=device, dtype=dtype, mode=execution),
+        heal=HealRequest(heal_options, resume=heal_resume) if heal_model else None,
+    )
+    merged = result.plan
+    echo(f"merged windows {merged.windows}: {merged.num_layers} -> {merged.layers_after} layers")
+    echo(f"parameters: {result.params_before:,} -> {result.params_after:,}")
+    if merged.heal is not None:
+        echo(HealResult(None, merged, merged.heal).lines())
+    if result.evaluation is not None:
+        echo(result.evaluation.table_lines())
+    if result.pushed is not None:
+        echo(result.pushed.lines())
+    echo(f"wrote {result.output_dir}")
+
+
+def _refuse_with_plan(**given: float | str | None) -> None:
+    """A saved plan fixes the windows and the merge rule, so a target or rule given beside it would be ignored."""
+    clashing = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if clashing:
+        raise errors.InvalidOptionError(
+            f"--plan fixes the windows and the merge rule; drop {', '.join(clashing)}, or drop --plan to search again"
+        )

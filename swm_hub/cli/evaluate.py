@@ -1,0 +1,78 @@
+"""``swm-hub eval``: held-out perplexity beside the base model and plain layer dropping, and zero-shot tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swm_hub.cli.common import DeviceOpt, DtypeOpt, ExecutionOpt, FolderArg, JsonOpt, QuietOpt, echo
+from swm_hub.core.options import EVAL_HELP, EvalOptions, ExecutionOptions
+from swm_hub.core.progress import configure, quiet_requested
+
+NAME = "eval"
+EXAMPLES = """\b
+Examples:
+  swm-hub eval smollm2-swm-24L
+  swm-hub eval smollm2-swm-24L --baseline drop-bi --json eval.json
+  swm-hub eval smollm2-swm-24L --text my-heldout.txt --seq-len 512 --blocks 32
+  swm-hub eval smollm2-swm-24L --zero-shot paper
+  swm-hub eval smollm2-swm-24L --zero-shot my_task --task-dir my-tasks --limit 100
+  swm-hub eval llama-13b-swm --execution layerwise
+"""
+
+
+def evaluate(
+    model_dir: FolderArg,
+    text: Annotated[Path | None, typer.Option("--text", help=EVAL_HELP["text"], show_default=False)] = None,
+    baseline: Annotated[
+        list[str] | None, typer.Option("--baseline", help=EVAL_HELP["baselines"], show_default=False)
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help=EVAL_HELP["seq_len"])] = EvalOptions.seq_len,
+    blocks: Annotated[int, typer.Option("--blocks", help=EVAL_HELP["blocks"])] = EvalOptions.blocks,
+    json_file: JsonOpt = None,
+    zero_shot_tasks: Annotated[
+        str | None, typer.Option("--zero-shot", help=EVAL_HELP["zero_shot"], show_default=False)
+    ] = None,
+    task_dir: Annotated[
+        Path | None, typer.Option("--task-dir", help=EVAL_HELP["task_dir"], show_default=False)
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help=EVAL_HELP["limit"], show_default=False)] = None,
+    device: DeviceOpt = ExecutionOptions.device,
+    dtype: DtypeOpt = ExecutionOptions.dtype,
+    execution: ExecutionOpt = ExecutionOptions.mode,
+    quiet: QuietOpt = False,
+) -> None:
+    """Held-out perplexity of a compressed model, its base model, and plain layer dropping at the same count.
+
+    The base model and the number of removed layers come from the folder's swm_plan.json; the drop baselines
+    remove as many layers from the same base model by ShortGPT's Block Influence (drop-bi) or PruneMe's
+    angular distance (drop-angular), so the table shows what merging bought. With --execution layerwise the
+    perplexities are computed one decoder layer at a time, for models larger than memory.
+    """
+    progress = configure(quiet_requested(quiet))
+    options = EvalOptions(
+        text=text,
+        seq_len=seq_len,
+        blocks=blocks,
+        baselines=EvalOptions.baselines_given(baseline),
+        zero_shot=EvalOptions.tasks_given(zero_shot_tasks),
+        task_dir=task_dir,
+        limit=limit,
+        execution=ExecutionOptions(device=device, dtype=dtype, mode=execution),
+    )
+    from swm_hub.stages.evaluate import (
+        evaluate as run_evaluation,  # the stage loads once the options are valid
+    )
+    from swm_hub.stages.evaluate.zeroshot import zero_shot
+
+    report = run_evaluation(model_dir, options, progress=progress)
+    echo(report.table_lines())
+    if json_file is not None:
+        json_file.write_text(report.to_json(), encoding="utf-8")
+        echo(f"wrote {json_file}")
+    if options.zero_shot:
+        scores = zero_shot(model_dir, options.zero_shot, task_dir=options.task_dir, limit=options.limit)
+        echo(scores.table_lines())
+        echo(f"wrote {scores.save(model_dir)}")
