@@ -45,6 +45,7 @@ from torch import nn
 from swm_hub.core.architectures import ArchitectureSpec
 from swm_hub.core.options import MergeOptions
 from swm_hub.core.texts import KINDS, TextSource
+from swm_hub.runtime.execution import batch_losses, execution_of
 from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import LoadedModel, pull
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
@@ -52,9 +53,7 @@ from swm_hub.stages import merge as merge_stage
 from swm_hub.stages.evaluate import (
     DROP_RULES,
     HeldoutBatches,
-    batch_losses,
     heldout_batches,
-    model_losses,
 )
 from swm_hub.stages.merge import build_merged_model, plan_merge
 from swm_hub.stages.merge.rules import consolidate
@@ -125,7 +124,7 @@ def rows_for(
     rows = []
     for name, rule in DROP_RULES.items():
         dropped = rule(traces, count)
-        losses = model_losses(loaded, heldout.batches, False, name, skip=dropped)
+        losses = execution_of(loaded).losses(heldout.batches, False, name, skip=dropped)
         rows += kind_rows(heldout, losses, count, setup, name, "drop " + ",".join(map(str, dropped)))
     calibration = replace(MergeOptions().calibration, kinds=kinds)
     options = MergeOptions(target_layers=num_layers - count, calibration=calibration)

@@ -15,13 +15,13 @@ from swm_hub.core.errors import InvalidOptionError
 from swm_hub.core.options import DROP_BASELINES, PAPER_TASKS, EvalOptions, ExecutionOptions
 from swm_hub.results.evaluation import EvalReport, PerplexityRow
 from swm_hub.results.plan import MergePlan
+from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import pull
 from swm_hub.stages.evaluate import (
     DROP_RULES,
     drop_by_angular_distance,
     drop_by_block_influence,
-    model_losses,
     perplexity,
     windows_for_dropped,
 )
@@ -178,9 +178,9 @@ def test_skipping_layers_equals_the_model_saved_without_them(
     generator = torch.Generator().manual_seed(6)
     batches = [torch.randint(0, 300, (2, 16), generator=generator) for _ in range(2)]
     removed = perplexity(build_merged_model(loaded, plan, []), batches)
-    skipped = losses_perplexity(model_losses(loaded, batches, progress=False, label="", skip=dropped))
+    skipped = losses_perplexity(execution_of(loaded).losses(batches, progress=False, label="", skip=dropped))
     assert skipped == pytest.approx(removed, rel=1e-6)
-    whole = losses_perplexity(model_losses(loaded, batches, progress=False, label=""))
+    whole = losses_perplexity(execution_of(loaded).losses(batches, progress=False, label=""))
     assert skipped != pytest.approx(whole, rel=1e-4)
     layers = loaded.model.base_model.get_submodule("layers" if model_type != "gpt2" else "h")
     assert not any("forward" in vars(layer) for layer in layers)  # the skip is undone

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from swm_hub.core.errors import PlanMismatchError
+from swm_hub.core.errors import PlanMismatchError, ResultFileVersionError
 from swm_hub.core.version import __version__
-from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import PLAN_FILE, SCHEMA_VERSION, MergePlan
 
 
 def make_plan(**changes: Any) -> MergePlan:
@@ -72,9 +72,15 @@ def test_removed_and_layers_after() -> None:
 
 def test_older_plan_without_trials_or_version_loads(tmp_path: Path) -> None:
     raw = json.loads(make_plan().to_json())
-    del raw["trials"], raw["swm_hub_version"]
+    del raw["trials"], raw["swm_hub_version"], raw["schema_version"]
     plan = MergePlan.from_file(write(tmp_path, json.dumps(raw)))
     assert plan.trials == [] and plan.windows == [(2, 4), (7, 9)]
+
+
+def test_the_plan_says_its_schema_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    assert json.loads(make_plan().to_json())["schema_version"] == SCHEMA_VERSION
+    with pytest.raises(ResultFileVersionError, match="newer swm-hub"):
+        MergePlan.from_file(write(tmp_path, _with("schema_version", SCHEMA_VERSION + 1)))
 
 
 def _without(key: str) -> str:

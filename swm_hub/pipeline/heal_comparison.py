@@ -23,13 +23,13 @@ from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import PerplexityRow
 from swm_hub.results.heal import HealComparison, HealComparisonRow
 from swm_hub.results.plan import MergePlan
+from swm_hub.runtime.execution import batch_losses
 from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.evaluate import (
     DROP_RULES,
     HeldoutBatches,
-    batch_losses,
     heldout_batches,
     windows_for_dropped,
 )

@@ -17,8 +17,11 @@ from swm_hub.core.config_rewrite import kept_layers
 from swm_hub.core.errors import PlanMismatchError
 from swm_hub.core.merge_rules import MERGE_RULES
 from swm_hub.core.version import __version__
+from swm_hub.results.schema import SCHEMA_KEY, check_schema
 
 PLAN_FILE = "swm_plan.json"
+SCHEMA_VERSION: int = 1
+"""The plan's schema: 1 since the schema was versioned; a plan without the key is read as the same fields."""
 
 
 def _window(value: Any) -> tuple[int, int]:
@@ -67,13 +70,23 @@ class MergePlan:
         return self.num_layers - self.removed
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        return json.dumps({SCHEMA_KEY: SCHEMA_VERSION, **asdict(self)}, indent=2) + "\n"
 
     @classmethod
     def from_file(cls, path: Path) -> MergePlan:
-        """Read a plan, reporting a malformed file as a plan problem rather than a traceback."""
+        """Read a plan, reporting a malformed file as a plan problem rather than a traceback.
+
+        Raises:
+            PlanMismatchError: the file cannot be read, or is not a plan that can be applied.
+            ResultFileVersionError: a newer swm-hub wrote it, in a schema this release does not know.
+        """
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise PlanMismatchError(f"cannot read merge plan {path}: {err}") from err
+        check_schema(path, raw, SCHEMA_VERSION)
+        try:
+            raw.pop(SCHEMA_KEY, None)
             raw["windows"] = [_window(window) for window in raw["windows"]]
             plan = cls(**raw)
             plan.validate()

@@ -1,14 +1,13 @@
 """Calibration traces of a loaded model: the token blocks, and what enters every decoder layer on them.
 
 Analysis, merging, evaluation's drop baselines and healing all run the model over the same calibration
-blocks; this module is below those stages so that they share one definition of the blocks and of tracing,
-whole-model or layer-wise as the model was loaded, without importing one another.
+blocks; this module is below those stages so that they share one definition of the blocks and of tracing
+without importing one another (``execution`` traces a model whole or layer-wise as it was pulled).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +28,9 @@ from swm_hub.core.similarity import (
 from swm_hub.core.texts import TextSource
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden, trace_batch
-from swm_hub.runtime.layerwise import activation_cache, trace_layerwise
 
 if TYPE_CHECKING:
-    from swm_hub.runtime.loading import LoadedModel
+    pass
 
 
 def calibration_batches(
@@ -68,24 +66,6 @@ def trace_calibration(model: nn.Module, batches: Sequence[torch.Tensor], progres
         trace_batch(model, batch)
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
     ]
-
-
-@contextmanager
-def traced_calibration(
-    loaded: LoadedModel, batches: Sequence[torch.Tensor], progress: bool
-) -> Iterator[list[BatchTrace]]:
-    """The traces of ``batches``, whole-model or layer-wise as the model was loaded.
-
-    Layer-wise traces read their hidden states from a disk cache that lives as long as the block, so use
-    them inside it. No batches means no traces, and no layer is loaded.
-    """
-    if not batches:
-        yield []
-    elif loaded.streamed is None:
-        yield trace_calibration(loaded.model, batches, progress)
-    else:
-        with activation_cache(loaded.streamed.device) as cache:
-            yield trace_layerwise(loaded.model, loaded.streamed, batches, cache, progress)
 
 
 def calibration_record(source: TextSource, options: CalibrationOptions) -> dict[str, Any]:

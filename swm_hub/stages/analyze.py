@@ -15,13 +15,13 @@ from pathlib import Path
 
 from swm_hub.core.options import CalibrationOptions
 from swm_hub.results.similarity import SimilarityReport
+from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import (
     analyze_traces,
     calibration_batches,
     calibration_record,
     check_report_request,
-    traced_calibration,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def analyze_model(
     source = calibration.source
     batches = calibration_batches(loaded.tokenizer, calibration, source)
     name = loaded.source.display_name
-    with traced_calibration(loaded, batches, progress) as traces:
+    with execution_of(loaded).traces(batches, progress) as traces:
         report = analyze_traces(traces, metric, max_tokens, name, calibration_record(source, calibration))
     logger.info("analyzed %s: %d layers, %s", name, report.num_layers, metric)
     if out_dir is not None:

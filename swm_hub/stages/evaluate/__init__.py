@@ -9,27 +9,24 @@ they never drop the first or the last layer, so both sides choose from the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.calibration import blocks_by_kind
 from swm_hub.core.options import CalibrationOptions, EvalOptions, check_block_length
 from swm_hub.core.similarity import io_redundancy, mean_cosine
 from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
 from swm_hub.results.plan import PLAN_FILE, MergePlan
-from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers, flat_hidden, passing_through
-from swm_hub.runtime.layerwise import StreamedLayers, final_hidden_layerwise
+from swm_hub.runtime.execution import Loss, batch_losses, execution_of
+from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden
 from swm_hub.runtime.loading import LoadedModel, pull_for
-from swm_hub.runtime.tracing import calibration_batches, traced_calibration
+from swm_hub.runtime.tracing import calibration_batches
 
 EVAL_BATCH = 8
 DEFAULT_EVAL = EvalOptions()
@@ -37,61 +34,11 @@ DEFAULT_EVAL = EvalOptions()
 DropRule = Callable[[Sequence[BatchTrace], int], list[int]]
 
 
-Loss = tuple[float, int]
-"""A batch's summed next-token negative log-likelihood and the number of tokens it predicted."""
-
-
-@torch.no_grad()
-def batch_losses(
-    model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, label: str = ""
-) -> list[Loss]:
-    """The next-token loss of every batch, kept apart so that blocks of different kinds can be told apart."""
-    device = next(model.parameters()).device
-    losses = []
-    for batch in tqdm(batches, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
-        ids = batch.to(device)
-        losses.append(_summed_loss(model(input_ids=ids, use_cache=False).logits, ids))
-    return losses
-
-
 def perplexity(
     model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, label: str = ""
 ) -> float:
     """Exp of the mean next-token negative log-likelihood over every predicted token of every block."""
     return _perplexity_of(batch_losses(model, batches, progress, label))
-
-
-@torch.no_grad()
-def streamed_losses(
-    model: PreTrainedModel,
-    layers: StreamedLayers,
-    batches: Sequence[torch.Tensor],
-    keep: Sequence[int] | None = None,
-    progress: bool = False,
-    label: str = "",
-) -> list[Loss]:
-    """``batch_losses`` of a layer-wise model, optionally with only the layers ``keep`` (all by default).
-
-    The layers run one at a time over every batch; the final norm and head then turn each batch's last
-    hidden state into logits.
-    """
-    kept = range(len(layers)) if keep is None else keep
-    desc = f"perplexity {label} (layer-wise)".replace("  ", " ")
-    finals = final_hidden_layerwise(model, layers, batches, kept, progress, desc)
-    head = LogitHead(model)
-    return [
-        _summed_loss(head(hidden), ids.to(hidden.device)) for hidden, ids in zip(finals, batches, strict=True)
-    ]
-
-
-def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> Loss:
-    """The summed next-token loss of a batch and the number of tokens it predicted."""
-    shifted = logits[:, :-1].float()
-    targets = ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="sum"
-    )
-    return float(nll), targets.numel()
 
 
 def _perplexity_of(losses: Sequence[Loss]) -> float:
@@ -154,29 +101,6 @@ class HeldoutBatches:
         return PerplexityRow(name, layers, _perplexity_of(losses), tuple(dropped), by_kind)
 
 
-def model_losses(
-    loaded: LoadedModel,
-    batches: Sequence[torch.Tensor],
-    progress: bool,
-    label: str,
-    skip: Collection[int] = (),
-) -> list[Loss]:
-    """``batch_losses`` of a pulled model, whole or layer-wise as it was pulled, with the layers ``skip`` left out.
-
-    A skipped layer passes its input on (or is never loaded, layer-wise) rather than being removed from a
-    copy of the model: no weights are copied, and a model spread over devices by accelerate keeps its
-    placement. Every other layer still gets the call arguments of its own position, so the result equals
-    the model saved without those layers.
-    """
-    if loaded.streamed is not None:
-        keep = [i for i in range(len(loaded.streamed)) if i not in skip]
-        return streamed_losses(loaded.model, loaded.streamed, batches, keep, progress, label)
-    spec = spec_for_config(loaded.model.config)
-    layers = decoder_layers(loaded.model, spec)
-    with passing_through([layers[i] for i in skip]):
-        return batch_losses(loaded.model, batches, progress, label)
-
-
 def evaluate(
     model_dir: Path,
     options: EvalOptions = DEFAULT_EVAL,
@@ -198,14 +122,14 @@ def evaluate(
     merged_row = heldout.row(
         f"{MERGED_PREFIX}{plan.method}, {plan.merge} rule",
         plan.layers_after,
-        model_losses(merged, heldout.batches, progress, "merged"),
+        execution_of(merged).losses(heldout.batches, progress, "merged"),
     )
     del merged
     base = base or pull_for(plan.model, plan.revision, execution)
     base_row = heldout.row(
         f"base: {base.source.display_name}",
         plan.num_layers,
-        model_losses(base, heldout.batches, progress, "base"),
+        execution_of(base).losses(heldout.batches, progress, "base"),
     )
     return EvalReport(
         text=text.label,
@@ -228,10 +152,10 @@ def _baseline_rows(
     recorded = CalibrationOptions.recorded(plan.calibration, CalibrationOptions.batch_size)
     calibration = calibration_batches(base.tokenizer, recorded)
     rows = []
-    with traced_calibration(base, calibration, progress) as traces:
+    with execution_of(base).traces(calibration, progress) as traces:
         for rule in baselines:
             dropped = DROP_RULES[rule](traces, plan.removed)
-            losses = model_losses(base, heldout.batches, progress, rule, skip=dropped)
+            losses = execution_of(base).losses(heldout.batches, progress, rule, skip=dropped)
             rows.append(heldout.row(rule, plan.layers_after, losses, dropped))
     return rows
 

@@ -52,6 +52,7 @@ from swm_hub.core.version import __version__
 from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime.checkpoint import build_skeleton, output_folder, save_model_folder, verify_folder_loads
+from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.layer_trace import decoder_layers
 from swm_hub.runtime.loading import LoadedModel, pull
 from swm_hub.runtime.tracing import calibration_batches
@@ -294,18 +295,17 @@ def heal_into(
     The caller moves ``folder`` into place and then deletes ``store_folder``.
     """
     _require_peft()
-    if teacher.streamed is not None:
-        raise InvalidOptionError(
-            "--heal needs the base model whole in memory as the teacher, and it was loaded layer-wise: pass "
-            "--execution whole, or heal the compressed folder with `swm-hub heal --teacher-cache disk`"
-        )
+    teacher_model = execution_of(teacher).in_memory(
+        "--heal needs the base model whole in memory as the teacher, and it was loaded layer-wise: pass "
+        "--execution whole, or heal the compressed folder with `swm-hub heal --teacher-cache disk`"
+    )
     plan = read_plan(folder)
     execution = replace(options.execution, mode="whole")
     student = pull(str(folder), dtype=DTYPES[execution.dtype], device="cpu", execution="whole")
     refuse_checkpoint_state(store_folder, resume)
     healed, result = heal_model(
         student.model,
-        teacher.model,
+        teacher_model,
         plan,
         teacher.tokenizer,
         options,

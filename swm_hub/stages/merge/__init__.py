@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 
 from swm_hub.core.architectures import ArchitectureSpec, spec_for, spec_for_config
 from swm_hub.core.config_rewrite import kept_layers, rewrite_config
-from swm_hub.core.devices import offloaded_modules
 from swm_hub.core.errors import ImpossibleTargetError, InvalidMergeError, InvalidOptionError
 from swm_hub.core.merge_rules import MERGE_RULES
 from swm_hub.core.options import METHODS, CalibrationOptions, MergeOptions, check_block_length
@@ -38,6 +37,7 @@ from swm_hub.runtime.checkpoint import (
     verify_folder_headers,
     verify_folder_loads,
 )
+from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers
 from swm_hub.runtime.layerwise import StreamedLayers
 from swm_hub.runtime.loading import LoadedModel
@@ -45,7 +45,6 @@ from swm_hub.runtime.tracing import (
     analyze_traces,
     calibration_batches,
     calibration_record,
-    traced_calibration,
 )
 from swm_hub.stages.merge.rules import consolidate, refit_kind
 from swm_hub.stages.merge.windows import (
@@ -397,7 +396,7 @@ def merge_into(
     batches: list[torch.Tensor] = []
     if plan is None or MERGE_RULES[plan.merge].refit:
         batches = calibration_batches(loaded.tokenizer, calibration_of(plan, options))
-    with traced_calibration(loaded, batches, progress) as traces:
+    with execution_of(loaded).traces(batches, progress) as traces:
         if plan is None:
             plan = plan_merge(loaded, traces, options, progress)
             _refuse_missed_target(plan, options)
@@ -456,7 +455,7 @@ def warn_past_measured_wins(plan: MergePlan) -> None:
 
 def _refuse_offloaded(loaded: LoadedModel) -> None:
     """A merge saves the weights, which accelerate keeps out of reach once it offloaded them; say so up front."""
-    offloaded = offloaded_modules(loaded.model) if loaded.streamed is None else []
+    offloaded = execution_of(loaded).offloaded_modules()
     if offloaded:
         raise InvalidOptionError(
             f"the model does not fit in the GPUs' memory: accelerate offloaded {len(offloaded)} module(s) "
