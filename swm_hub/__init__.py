@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         PushOptions,
     )
     from swm_hub.pipeline.analyze import analyze
-    from swm_hub.pipeline.compress import compress
+    from swm_hub.pipeline.compress import CompressResult, compress
     from swm_hub.results.plan import MergePlan
     from swm_hub.results.similarity import SimilarityReport
     from swm_hub.stages.merge import MergeResult
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 _HOMES: dict[str, str] = {
     "BenchOptions": "swm_hub.core.options",
     "CalibrationOptions": "swm_hub.core.options",
+    "CompressResult": "swm_hub.pipeline.compress",
     "EvalOptions": "swm_hub.core.options",
     "ExecutionOptions": "swm_hub.core.options",
     "ExportOptions": "swm_hub.core.options",
@@ -59,6 +60,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BenchOptions",
     "CalibrationOptions",
+    "CompressResult",
     "EvalOptions",
     "ExecutionOptions",
     "ExportOptions",

@@ -33,8 +33,10 @@ import swm_hub
 from swm_hub import cli
 from swm_hub.core import atomic, errors
 from swm_hub.core.devices import DTYPES
-from swm_hub.core.options import ExecutionOptions
+from swm_hub.core.options import EvalOptions, ExecutionOptions
 from swm_hub.pipeline import analyze as analyze_recipe
+from swm_hub.runtime import execution
+from swm_hub.stages.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -579,6 +581,33 @@ def test_compress_layerwise_with_eval_writes_the_evaluation(
     assert [row["layers"] for row in rows] == [6, 4, 4, 4]
     assert all(row["perplexity"] > 1.0 for row in rows)
     assert "perplexity" in (out / "README.md").read_text(encoding="utf-8").lower()
+
+
+def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
+    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base model is traced once, for the merge; a separate eval, which traces it again, agrees."""
+    traced: list[int] = []
+    real_trace = execution.trace_calibration
+
+    def counted(model: torch.nn.Module, batches: Any, progress: bool) -> Any:
+        traced.append(len(batches))
+        return real_trace(model, batches, progress)
+
+    monkeypatch.setattr(execution, "trace_calibration", counted)
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--eval", "--device", "cpu"]
+    result = CliRunner().invoke(
+        cli.app, [*args, "--calib", str(calib_file), *SMALL_CALIB, "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(traced) == 1
+    together = json.loads((out / "eval.json").read_text(encoding="utf-8"))["rows"]
+    separate = evaluate(out, EvalOptions(execution=ExecutionOptions(device="cpu"))).rows
+    assert len(traced) == 2
+    assert [row["dropped"] for row in together] == [list(row.dropped) for row in separate]
+    for got, want in zip(together, separate, strict=True):
+        assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-5), want.name
 
 
 def test_eval_layerwise_prints_the_table(compressed: Compressed, calib_file: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from swm_hub.core.errors import ResultFileError, ResultFileVersionError
 from swm_hub.core.files import BENCH_FILE, EVAL_FILE, SIMILARITY_JSON, ZEROSHOT_FILE
 from swm_hub.results.bench import BenchFile, BenchReport, MeasuredModel, ModelBench, Stat
 from swm_hub.results.evaluation import EvalReport, PerplexityRow
+from swm_hub.results.heal import HEAL_FILE, HealComparison, HealComparisonRow
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.results.zeroshot import TaskScore, ZeroShotReport
 
@@ -92,6 +93,23 @@ def zeroshot_report() -> ZeroShotReport:
 
 
 # --- each type: save, then load from the folder or the file -------------------------------------------------
+
+
+def heal_comparison() -> HealComparison:
+    rows = [
+        HealComparisonRow("base: tiny", 6, 10.0, None, before_by_kind={"code": 9.0}),
+        HealComparisonRow("merged: swm-fit, fit rule", 4, 14.0, 11.0),
+        HealComparisonRow("drop-bi", 4, 16.0, 12.5, dropped=(2, 3)),
+    ]
+    return HealComparison(text="swm_hub:corpus/heldout", blocks=8, seq_len=64, tokens=4096, rows=rows)
+
+
+def test_heal_comparison_round_trip_says_its_schema(tmp_path: Path) -> None:
+    comparison = heal_comparison()
+    path = comparison.save(tmp_path)
+    assert json.loads(path.read_text(encoding="utf-8"))["schema_version"] == 1
+    assert HealComparison.load(tmp_path) == comparison == HealComparison.load(path)
+    assert comparison.gap_closed() == pytest.approx(0.75)
 
 
 def test_eval_report_round_trip(tmp_path: Path) -> None:
@@ -204,6 +222,7 @@ def test_bench_file_without_measures_is_a_result_file_error(tmp_path: Path) -> N
         (SIMILARITY_JSON, SimilarityReport.load, similarity_report().to_dict()),
         (ZEROSHOT_FILE, ZeroShotReport.load, json.loads(zeroshot_report().to_json())),
         (BENCH_FILE, BenchFile.load, bench_report().to_dict()),
+        (HEAL_FILE, HealComparison.load, json.loads(heal_comparison().to_json())),
     ],
 )
 def test_a_newer_schema_is_refused_with_the_advice_to_upgrade(

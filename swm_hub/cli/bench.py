@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from swm_hub.cli.common import JsonOpt, ModelArg, QuietOpt, echo
-from swm_hub.core.options import BenchOptions
+from swm_hub.cli.common import JsonOpt, ModelArg, QuietOpt, echo, with_options
+from swm_hub.core.options import BENCH_HELP, BenchOptions
 from swm_hub.core.progress import configure, quiet_requested
 
 EXAMPLES = """\b
@@ -19,48 +19,24 @@ Examples:
 """
 
 
+@with_options(
+    "settings",
+    BenchOptions,
+    BENCH_HELP,
+    only=("device", "dtype", "prompt_tokens", "new_tokens", "runs", "threads"),
+)
 def bench(
     model: ModelArg,
     baseline: Annotated[
         str | None, typer.Option("--baseline", help="the original model, to compare with", show_default=False)
     ] = None,
-    backend: Annotated[
-        str,
-        typer.Option(
-            "--backend",
-            help="torch, onnxruntime (a folder with an ONNX export) or genai (a folder with a genai export)",
-        ),
-    ] = BenchOptions.backend,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = BenchOptions.device,
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype",
-            help="torch backend: float32, bfloat16 or float16 (fp32, bf16, fp16 also accepted; "
-            "default float16 on cuda, float32 on cpu)",
-            show_default=False,
-        ),
-    ] = None,
-    prompt_tokens: Annotated[
-        int, typer.Option("--prompt-tokens", help="prompt length in tokens")
-    ] = BenchOptions.prompt_tokens,
-    new_tokens: Annotated[
-        int, typer.Option("--new-tokens", help="tokens generated per run")
-    ] = BenchOptions.new_tokens,
-    runs: Annotated[
-        int, typer.Option("--runs", help="timed runs per model, after one warm-up")
-    ] = BenchOptions.runs,
+    backend: Annotated[str, typer.Option("--backend", help=BENCH_HELP["backend"])] = BenchOptions.backend,
     compiled: Annotated[
-        bool | None,
-        typer.Option(
-            "--compiled/--eager", help="static KV cache + torch.compile (default on CUDA)", show_default=False
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads (default: torch's)", show_default=False)
+        bool | None, typer.Option("--compiled/--eager", help=BENCH_HELP["compiled"], show_default=False)
     ] = None,
     json_file: JsonOpt = None,
     quiet: QuietOpt = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Latency of a model and its original side by side: prefill, per-token decode, end to end, tokens/s, memory.
 
@@ -68,16 +44,8 @@ def bench(
     layers after). Save the JSON as bench.json in a compressed folder and 'swm-hub card' adds the table.
     """
     configure(quiet_requested(quiet))
-    options = BenchOptions(
-        backend=backend,  # type: ignore[arg-type]  # BenchOptions refuses a name that is not a backend
-        device=device,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        runs=runs,
-        compiled=compiled,
-        dtype=dtype,
-        threads=threads,
-    )
+    # BenchOptions refuses a name that is not a backend.
+    options = BenchOptions(backend=backend, compiled=compiled, **(settings or {}))  # type: ignore[arg-type]
     from swm_hub.stages.bench import bench as run_bench  # the stage loads once the options are valid
 
     report = run_bench(model, baseline, options)

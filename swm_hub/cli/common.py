@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -35,6 +40,70 @@ OverwriteOpt = Annotated[
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="also write the results as JSON here", show_default=False)
 ]
+
+
+Command = TypeVar("Command", bound=Callable[..., None])
+_ANNOTATED: Any = Annotated  # indexed with a type known only at run time, which a type checker cannot follow
+
+
+def option_parameters(
+    options_type: type, helps: Mapping[str, str], prefix: str = "", only: Collection[str] | None = None
+) -> list[inspect.Parameter]:
+    """One Typer option per field of ``options_type`` that has a help text: ``--<prefix>-<field-name>``.
+
+    The type and the default come from the field, the help from ``helps``; the parameter is named
+    ``<prefix>_<field>`` so that two groups of options can sit in one command.
+    """
+    hints = typing.get_type_hints(options_type)
+    parameters = []
+    for item in dataclasses.fields(options_type):
+        if item.name not in helps or (only is not None and item.name not in only):
+            continue
+        name = f"{prefix}_{item.name}" if prefix else item.name
+        flag = "--" + name.replace("_", "-")
+        option = typer.Option(flag, help=helps[item.name], show_default=item.default is not None)
+        annotation = _ANNOTATED[hints[item.name], option]
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=annotation
+            )
+        )
+    return parameters
+
+
+def with_options(
+    group: str,
+    options_type: type,
+    helps: Mapping[str, str],
+    prefix: str = "",
+    only: Collection[str] | None = None,
+) -> Callable[[Command], Command]:
+    """Give a command one option per field of ``options_type`` (see ``option_parameters``).
+
+    The command receives their values as one dict, keyword ``group``, ready for ``options_type(**values)``
+    beside the fields it sets itself; its other parameters stay as it declares them.
+    """
+
+    def decorate(command: Command) -> Command:
+        added = option_parameters(options_type, helps, prefix, only)
+        fields = {
+            parameter.name: parameter.name.removeprefix(f"{prefix}_" if prefix else "") for parameter in added
+        }
+        own = [
+            parameter
+            for parameter in inspect.signature(command, eval_str=True).parameters.values()
+            if parameter.name != group
+        ]
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> None:
+            values = {field: kwargs.pop(name) for name, field in fields.items() if name in kwargs}
+            command(*args, **kwargs, **{group: values})
+
+        run.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+        return typing.cast(Command, run)
+
+    return decorate
 
 
 def calibration_options(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,6 +22,7 @@ from swm_hub.cli.common import (
     SeqLenOpt,
     calibration_options,
     echo,
+    with_options,
 )
 from swm_hub.core import errors
 from swm_hub.core.options import (
@@ -36,6 +37,19 @@ from swm_hub.core.options import (
 )
 from swm_hub.core.progress import configure, quiet_requested
 
+HEAL_FLAGS = (
+    "tokens",
+    "rank",
+    "lr",
+    "modules",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "hidden_weight",
+    "teacher_cache",
+)
+"""The heal options ``compress --heal`` offers as ``--heal-*``; the rest keep their defaults (``swm-hub heal`` has all)."""
+
 EXAMPLES = """\b
 Examples:
   swm-hub compress smollm2 --target-layers 24 --out smollm2-swm-24L
@@ -49,6 +63,7 @@ Examples:
 """
 
 
+@with_options("heal_settings", HealOptions, HEAL_HELP, prefix="heal", only=HEAL_FLAGS)
 def compress(
     model: ModelArg,
     out: Annotated[
@@ -97,25 +112,6 @@ def compress(
     heal_model: Annotated[
         bool, typer.Option("--heal", help="then heal the merged model (see 'swm-hub heal --help')")
     ] = False,
-    heal_tokens: Annotated[int, typer.Option("--heal-tokens", help=HEAL_HELP["tokens"])] = HealOptions.tokens,
-    heal_rank: Annotated[int, typer.Option("--heal-rank", help=HEAL_HELP["rank"])] = HealOptions.rank,
-    heal_lr: Annotated[float, typer.Option("--heal-lr", help=HEAL_HELP["lr"])] = HealOptions.lr,
-    heal_modules: Annotated[
-        str, typer.Option("--heal-modules", help=HEAL_HELP["modules"])
-    ] = HealOptions.modules,
-    heal_seq_len: Annotated[
-        int, typer.Option("--heal-seq-len", help=HEAL_HELP["seq_len"])
-    ] = HealOptions.seq_len,
-    heal_batch_size: Annotated[
-        int, typer.Option("--heal-batch-size", help=HEAL_HELP["batch_size"])
-    ] = HealOptions.batch_size,
-    heal_seed: Annotated[int, typer.Option("--heal-seed", help=HEAL_HELP["seed"])] = HealOptions.seed,
-    heal_hidden_weight: Annotated[
-        float, typer.Option("--heal-hidden-weight", help=HEAL_HELP["hidden_weight"])
-    ] = HealOptions.hidden_weight,
-    heal_teacher_cache: Annotated[
-        str, typer.Option("--heal-teacher-cache", help=HEAL_HELP["teacher_cache"])
-    ] = HealOptions.teacher_cache,
     heal_resume: Annotated[
         bool, typer.Option("--heal-resume", help="continue an interrupted --heal from its checkpoint")
     ] = False,
@@ -123,6 +119,7 @@ def compress(
     dtype: DtypeOpt = ExecutionOptions.dtype,
     execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
+    heal_settings: dict[str, Any] | None = None,
 ) -> None:
     """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
 
@@ -143,16 +140,7 @@ def compress(
         calibration=calibration_options(calib, calib_kinds, samples, seq_len, batch_size),
     )
     heal_options = HealOptions(
-        tokens=heal_tokens,
-        rank=heal_rank,
-        lr=heal_lr,
-        modules=heal_modules,
-        seq_len=heal_seq_len,
-        batch_size=heal_batch_size,
-        seed=heal_seed,
-        hidden_weight=heal_hidden_weight,
-        teacher_cache=heal_teacher_cache,
-        execution=ExecutionOptions(device=device, dtype=dtype, mode="whole"),
+        **(heal_settings or {}), execution=ExecutionOptions(device=device, dtype=dtype, mode="whole")
     )
     export_to = ExportOptions(formats=tuple(export_format)) if export_format else None
     push_to = PushOptions(repo_id=repo_id, private=private) if push_repo else None

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from swm_hub.cli.common import DeviceOpt, DtypeOpt, ExecutionOpt, FolderArg, JsonOpt, QuietOpt, echo
+from swm_hub.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ExecutionOpt,
+    FolderArg,
+    JsonOpt,
+    QuietOpt,
+    echo,
+    with_options,
+)
 from swm_hub.core.options import EVAL_HELP, EvalOptions, ExecutionOptions
 from swm_hub.core.progress import configure, quiet_requested
 
@@ -23,26 +31,21 @@ Examples:
 """
 
 
+@with_options("settings", EvalOptions, EVAL_HELP, only=("text", "seq_len", "blocks", "task_dir", "limit"))
 def evaluate(
     model_dir: FolderArg,
-    text: Annotated[Path | None, typer.Option("--text", help=EVAL_HELP["text"], show_default=False)] = None,
     baseline: Annotated[
         list[str] | None, typer.Option("--baseline", help=EVAL_HELP["baselines"], show_default=False)
     ] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help=EVAL_HELP["seq_len"])] = EvalOptions.seq_len,
-    blocks: Annotated[int, typer.Option("--blocks", help=EVAL_HELP["blocks"])] = EvalOptions.blocks,
     json_file: JsonOpt = None,
     zero_shot_tasks: Annotated[
         str | None, typer.Option("--zero-shot", help=EVAL_HELP["zero_shot"], show_default=False)
     ] = None,
-    task_dir: Annotated[
-        Path | None, typer.Option("--task-dir", help=EVAL_HELP["task_dir"], show_default=False)
-    ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help=EVAL_HELP["limit"], show_default=False)] = None,
     device: DeviceOpt = ExecutionOptions.device,
     dtype: DtypeOpt = ExecutionOptions.dtype,
     execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Held-out perplexity of a compressed model, its base model, and plain layer dropping at the same count.
 
@@ -53,13 +56,9 @@ def evaluate(
     """
     progress = configure(quiet_requested(quiet))
     options = EvalOptions(
-        text=text,
-        seq_len=seq_len,
-        blocks=blocks,
+        **(settings or {}),
         baselines=EvalOptions.baselines_given(baseline),
         zero_shot=EvalOptions.tasks_given(zero_shot_tasks),
-        task_dir=task_dir,
-        limit=limit,
         execution=ExecutionOptions(device=device, dtype=dtype, mode=execution),
     )
     from swm_hub.stages.evaluate import (

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from swm_hub.cli.common import DtypeOpt, FolderArg, OverwriteOpt, QuietOpt, echo
+from swm_hub.cli.common import DtypeOpt, FolderArg, OverwriteOpt, QuietOpt, echo, with_options
 from swm_hub.core.options import HEAL_HELP, ExecutionOptions, HealOptions
 from swm_hub.core.progress import configure, quiet_requested
 from swm_hub.results.heal import HEAL_FILE, HealComparison
@@ -28,6 +28,7 @@ On several GPUs, the same command through accelerate (data-parallel; --batch-siz
 """
 
 
+@with_options("settings", HealOptions, HEAL_HELP)
 def heal(
     model_dir: FolderArg,
     out: Annotated[
@@ -35,29 +36,6 @@ def heal(
         typer.Option(
             "--out", "-o", help="folder for the healed model (default: MODEL_DIR-healed)", show_default=False
         ),
-    ] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help=HEAL_HELP["tokens"])] = HealOptions.tokens,
-    rank: Annotated[int, typer.Option("--rank", help=HEAL_HELP["rank"])] = HealOptions.rank,
-    alpha: Annotated[int, typer.Option("--alpha", help=HEAL_HELP["alpha"])] = HealOptions.alpha,
-    lr: Annotated[float, typer.Option("--lr", help=HEAL_HELP["lr"])] = HealOptions.lr,
-    modules: Annotated[str, typer.Option("--modules", help=HEAL_HELP["modules"])] = HealOptions.modules,
-    seq_len: Annotated[int, typer.Option("--seq-len", help=HEAL_HELP["seq_len"])] = HealOptions.seq_len,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help=HEAL_HELP["batch_size"])
-    ] = HealOptions.batch_size,
-    seed: Annotated[int, typer.Option("--seed", help=HEAL_HELP["seed"])] = HealOptions.seed,
-    hidden_weight: Annotated[
-        float, typer.Option("--hidden-weight", help=HEAL_HELP["hidden_weight"])
-    ] = HealOptions.hidden_weight,
-    checkpoint_every: Annotated[
-        int, typer.Option("--checkpoint-every", help=HEAL_HELP["checkpoint_every"])
-    ] = HealOptions.checkpoint_every,
-    teacher_cache: Annotated[
-        str, typer.Option("--teacher-cache", help=HEAL_HELP["teacher_cache"])
-    ] = HealOptions.teacher_cache,
-    top_k: Annotated[int, typer.Option("--top-k", help=HEAL_HELP["top_k"])] = HealOptions.top_k,
-    calib: Annotated[
-        Path | None, typer.Option("--calib", help=HEAL_HELP["calib"], show_default=False)
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue an interrupted heal from its checkpoint")
@@ -86,6 +64,7 @@ def heal(
     dtype: DtypeOpt = ExecutionOptions.dtype,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Recover what merging lost: LoRA adapters trained to match the original model, then merged into the weights.
 
@@ -97,22 +76,8 @@ def heal(
     checkpoint beside the output: --resume continues from it with the same result.
     """
     progress = configure(quiet_requested(quiet))
-    options = HealOptions(
-        tokens=tokens,
-        rank=rank,
-        alpha=alpha,
-        lr=lr,
-        modules=modules,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        hidden_weight=hidden_weight,
-        checkpoint_every=checkpoint_every,
-        teacher_cache=teacher_cache,
-        top_k=top_k,
-        calib=calib,
-        execution=ExecutionOptions(device=device, dtype=dtype, mode="whole"),
-    )
+    execution = ExecutionOptions(device=device, dtype=dtype, mode="whole")
+    options = HealOptions(**(settings or {}), execution=execution)
     from swm_hub.pipeline.heal import heal as run_heal  # the stages load once the options are valid
 
     result = run_heal(

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from swm_hub.core.atomic import check_free_space
 from swm_hub.core.options import EvalOptions, ExecutionOptions, ExportOptions, MergeOptions, PushOptions
 from swm_hub.pipeline.push import check_push, push_folder
+from swm_hub.results.evaluation import EvalReport
 from swm_hub.results.plan import MergePlan
+from swm_hub.results.push import PushResult
 from swm_hub.runtime.checkpoint import output_folder
+from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import pull_for
 from swm_hub.stages.card import write_card
-from swm_hub.stages.evaluate import evaluate
+from swm_hub.stages.evaluate import drop_choices, evaluate
 from swm_hub.stages.export import export
 from swm_hub.stages.heal import HealRequest
 from swm_hub.stages.merge import MergeResult, merge_into
+
+
+@dataclass(frozen=True)
+class CompressResult(MergeResult):
+    """What ``compress`` did: the merge stage's result, and the evaluation and the push when they were asked for."""
+
+    evaluation: EvalReport | None = None
+    pushed: PushResult | None = None
+
 
 DEFAULT_MERGE = MergeOptions()
 DEFAULT_EXECUTION = ExecutionOptions()
@@ -34,7 +47,7 @@ def compress(
     push_to: PushOptions | None = None,
     execution: ExecutionOptions = DEFAULT_EXECUTION,
     heal: HealRequest | None = None,
-) -> MergeResult:
+) -> CompressResult:
     """Pull, merge, then (as asked) heal, evaluate, export, write the model card, and push.
 
     What can fail without the model (the output folder, its free space, the push's token and permission)
@@ -56,11 +69,20 @@ def compress(
         exports = len(set(export_to.formats)) if export_to is not None else 0
         check_output_space(temp, Path(model).expanduser(), exports)
         loaded = pull_for(model, revision, execution)
-        result = merge_into(loaded, temp, options, plan=plan, progress=progress)
+        drops: dict[str, list[int]] = {}  # the drop baselines' layers, chosen on the merge's own traces
+
+        def choose_drops(traces: Sequence[BatchTrace], chosen: MergePlan) -> None:
+            drops.update(drop_choices(traces, chosen.removed))
+
+        merged = merge_into(
+            loaded, temp, options, plan, progress, with_traces=choose_drops if run_eval else None
+        )
+        result = CompressResult(merged.output_dir, merged.plan, merged.params_before, merged.params_after)
         if heal is not None:  # the base model is the teacher; the checkpoints go beside out
             result = replace(result, plan=heal.run(temp, loaded, Path(out), progress).plan)
         if run_eval:
-            report = evaluate(temp, EvalOptions(execution=execution), progress=progress, base=loaded)
+            eval_options = EvalOptions(execution=execution)
+            report = evaluate(temp, eval_options, progress=progress, base=loaded, drops=drops or None)
             report.save(temp)
             result = replace(result, evaluation=report)
         if export_to is not None:

@@ -17,8 +17,10 @@ from typing import Any
 from swm_hub.core.atomic import write_text_atomically
 from swm_hub.core.errors import ResultFileError
 from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.schema import SCHEMA_KEY, read_result, result_path
 
 HEAL_FILE: str = "heal.json"
+SCHEMA_VERSION: int = 1
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,24 @@ class HealComparison:
     rows: list[HealComparisonRow]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        return json.dumps({SCHEMA_KEY: SCHEMA_VERSION, **asdict(self)}, indent=2) + "\n"
 
     def save(self, folder: Path) -> Path:
         return write_text_atomically(Path(folder) / HEAL_FILE, self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> HealComparison:
-        """Read ``heal.json``; a file that is not one is an error that names it."""
+    def load(cls, folder_or_path: Path | str) -> HealComparison:
+        """Read ``heal.json``, from its folder or file; one that is not a comparison is an error naming it.
+
+        Raises:
+            ResultFileError: the file cannot be read or is not a heal comparison.
+            ResultFileVersionError: a newer swm-hub wrote it.
+        """
+        path = result_path(folder_or_path, HEAL_FILE)
+        data = read_result(path, SCHEMA_VERSION)
         try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ResultFileError(path, f"not a heal comparison ({type(error).__name__}: {error})") from error
 
     @classmethod

@@ -5,7 +5,7 @@ things in the same place, before any model is loaded, and a saved plan can recor
 Nothing here loads torch: ``--help`` and ``push`` start without it.
 """
 
-from swm_hub.core.options.bench import BACKENDS, Backend, BenchOptions
+from swm_hub.core.options.bench import BACKENDS, BENCH_HELP, Backend, BenchOptions
 from swm_hub.core.options.common import (
     DEVICES,
     DTYPE_ALIASES,
@@ -31,6 +31,7 @@ from swm_hub.core.options.push import PushOptions
 
 __all__ = [
     "BACKENDS",
+    "BENCH_HELP",
     "DEFAULT_PRECISION",
     "DEVICES",
     "DROP_BASELINES",

@@ -10,6 +10,17 @@ from swm_hub.core.options.common import dtype_name
 
 Backend = Literal["torch", "onnxruntime", "genai"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "genai")
+BENCH_HELP: dict[str, str] = {
+    "backend": "torch, onnxruntime (a folder with an ONNX export) or genai (a folder with a genai export)",
+    "device": "cpu or cuda",
+    "dtype": "torch backend: float32, bfloat16 or float16 (fp32, bf16, fp16 also accepted; default float16 on "
+    "cuda, float32 on cpu)",
+    "prompt_tokens": "prompt length in tokens",
+    "new_tokens": "tokens generated per run",
+    "runs": "timed runs per model, after one warm-up",
+    "compiled": "static KV cache + torch.compile (default on CUDA)",
+    "threads": "CPU threads (default: torch's)",
+}
 
 
 @dataclass(frozen=True)

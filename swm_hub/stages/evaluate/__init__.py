@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from swm_hub.core.calibration import blocks_by_kind
-from swm_hub.core.options import CalibrationOptions, EvalOptions, check_block_length
+from swm_hub.core.options import DROP_BASELINES, CalibrationOptions, EvalOptions, check_block_length
 from swm_hub.core.similarity import io_redundancy, mean_cosine
 from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
@@ -106,10 +106,12 @@ def evaluate(
     options: EvalOptions = DEFAULT_EVAL,
     progress: bool = False,
     base: LoadedModel | None = None,
+    drops: Mapping[str, Sequence[int]] | None = None,
 ) -> EvalReport:
     """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
 
-    ``base`` saves loading the base model again when the caller already holds it (``compress --eval``).
+    ``base`` saves loading the base model again when the caller already holds it (``compress --eval``), and
+    ``drops`` (see ``drop_choices``) tracing it again when the caller chose the baselines' layers already.
     Models are pulled as ``options.execution`` says; layer-wise, none of them is ever whole in memory. On the
     shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's
     perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
@@ -135,7 +137,7 @@ def evaluate(
         text=text.label,
         blocks=blocks,
         seq_len=seq_len,
-        rows=[base_row, merged_row, *_baseline_rows(base, plan, options.baselines, heldout, progress)],
+        rows=[base_row, merged_row, *_baseline_rows(base, plan, options.baselines, heldout, progress, drops)],
     )
 
 
@@ -145,19 +147,36 @@ def _baseline_rows(
     baselines: Sequence[str],
     heldout: HeldoutBatches,
     progress: bool,
+    drops: Mapping[str, Sequence[int]] | None = None,
 ) -> list[PerplexityRow]:
     """One row per drop rule, chosen from the calibration traces the merge itself was planned on."""
+    if drops is None or not set(baselines) <= drops.keys():
+        drops = _traced_drop_choices(base, plan, baselines, progress)
+    rows = []
+    for rule in baselines:
+        dropped = list(drops[rule])
+        losses = execution_of(base).losses(heldout.batches, progress, rule, skip=dropped)
+        rows.append(heldout.row(rule, plan.layers_after, losses, dropped))
+    return rows
+
+
+def drop_choices(
+    traces: Sequence[BatchTrace], removed: int, baselines: Sequence[str] = DROP_BASELINES
+) -> dict[str, list[int]]:
+    """The layers each drop rule removes, ``removed`` of them, chosen on the calibration ``traces``."""
+    return {rule: DROP_RULES[rule](traces, removed) for rule in baselines}
+
+
+def _traced_drop_choices(
+    base: LoadedModel, plan: MergePlan, baselines: Sequence[str], progress: bool
+) -> dict[str, list[int]]:
+    """``drop_choices`` on the base model's traces of the plan's calibration text, traced here."""
     if not baselines:
-        return []
+        return {}
     recorded = CalibrationOptions.recorded(plan.calibration, CalibrationOptions.batch_size)
     calibration = calibration_batches(base.tokenizer, recorded)
-    rows = []
     with execution_of(base).traces(calibration, progress) as traces:
-        for rule in baselines:
-            dropped = DROP_RULES[rule](traces, plan.removed)
-            losses = execution_of(base).losses(heldout.batches, progress, rule, skip=dropped)
-            rows.append(heldout.row(rule, plan.layers_after, losses, dropped))
-    return rows
+        return drop_choices(traces, plan.removed, baselines)
 
 
 def heldout_batches(tokenizer: Any, text: TextSource, blocks: int, seq_len: int) -> HeldoutBatches:

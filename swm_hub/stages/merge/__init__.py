@@ -8,10 +8,9 @@ The merged model is never assembled by slicing the live model's ``ModuleList`` (
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -55,13 +54,11 @@ from swm_hub.stages.merge.windows import (
     reference_outputs,
 )
 
-if TYPE_CHECKING:
-    from swm_hub.results.evaluation import EvalReport
-    from swm_hub.results.push import PushResult
-
 logger = logging.getLogger(__name__)
 
 REPORT_METRIC = "linear_cka"
+TraceUser = Callable[[Sequence[BatchTrace], MergePlan], None]
+"""Given the calibration traces a merge ran on and its plan, while the traces exist (see ``merge_into``)."""
 REPORT_TOKENS = 1024
 
 
@@ -73,8 +70,6 @@ class MergeResult:
     plan: MergePlan
     params_before: int
     params_after: int
-    evaluation: EvalReport | None = None
-    pushed: PushResult | None = None
 
 
 def layers_to_remove(options: MergeOptions, num_layers: int) -> int | None:
@@ -385,12 +380,14 @@ def merge_into(
     options: MergeOptions,
     plan: MergePlan | None = None,
     progress: bool = False,
+    with_traces: TraceUser | None = None,
 ) -> MergeResult:
     """Search (unless a plan is given), consolidate, and write the checked result into ``folder``.
 
     ``folder`` is a temporary folder the caller moves into place. A saved plan skips the search; its ``fit``
     rule still runs one calibration pass, because the refit is computed from calibration activations (the
-    other rules need none).
+    other rules need none). ``with_traces`` gets those traces and the plan while they exist, so that the
+    pipeline can derive more from them (the drop baselines' layers) without tracing the model again.
     """
     check_merge_inputs(loaded, options, plan)
     batches: list[torch.Tensor] = []
@@ -403,6 +400,8 @@ def merge_into(
         warn_past_measured_wins(plan)
         logger.debug("merging windows %s (%d layers removed)", plan.windows, plan.removed)
         report = _similarity_report(loaded, traces, plan) if traces else None
+        if with_traces is not None and traces:
+            with_traces(traces, plan)
         return write_merged(loaded, plan, traces, folder, report, progress)
 
 
