@@ -13,6 +13,7 @@ from torch import Tensor
 
 from swm_hub.core import similarity
 from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.options import METRICS, AnalyzeOptions
 from swm_hub.core.similarity import (
     PAIRWISE_METRICS,
     angular_distance,
@@ -60,6 +61,12 @@ def slow_unbiased_hsic(gram_k: Tensor, gram_l: Tensor) -> float:
 def slow_linear_cka(x: Tensor, y: Tensor) -> float:
     k, m = x @ x.T, y @ y.T
     return slow_unbiased_hsic(k, m) / math.sqrt(slow_unbiased_hsic(k, k) * slow_unbiased_hsic(m, m))
+
+
+def test_the_options_name_exactly_the_metrics_computed() -> None:
+    assert tuple(similarity.PAIRWISE_METRICS) == METRICS
+    with pytest.raises(InvalidOptionError, match="valid metrics: linear_cka, rbf_cka, cosine, angular"):
+        AnalyzeOptions(metric="pearson")
 
 
 def test_linear_cka_matches_the_formula_written_out() -> None:

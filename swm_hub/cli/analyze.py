@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,8 +21,9 @@ from swm_hub.cli.common import (
     SeqLenOpt,
     calibration_options,
     echo,
+    with_options,
 )
-from swm_hub.core.options import HELP, CalibrationOptions, ExecutionOptions
+from swm_hub.core.options import HELP, AnalyzeOptions, CalibrationOptions, ExecutionOptions
 from swm_hub.core.progress import configure, quiet_requested
 
 EXAMPLES = """\b
@@ -33,13 +34,12 @@ Examples:
 """
 
 
+@with_options("settings", AnalyzeOptions, HELP)
 def analyze(
     model: ModelArg,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="folder for similarity.json and similarity.png")
     ] = None,
-    metric: Annotated[str, typer.Option("--metric", help=HELP["metric"])] = "linear_cka",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help=HELP["max_tokens"])] = 1024,
     calib: CalibOpt = None,
     calib_kinds: CalibKindsOpt = None,
     samples: SamplesOpt = CalibrationOptions.samples,
@@ -50,6 +50,7 @@ def analyze(
     dtype: DtypeOpt = ExecutionOptions.dtype,
     execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Measure how alike the decoder layers are: a similarity matrix, per-layer redundancy, and a heatmap.
 
@@ -58,10 +59,11 @@ def analyze(
     """
     progress = configure(quiet_requested(quiet))
     calibration = calibration_options(calib, calib_kinds, samples, seq_len, batch_size)
+    options = AnalyzeOptions(**(settings or {}), calibration=calibration)
     run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
     folder = out or Path(f"{Path(model.split('@')[0]).name.removesuffix('.gguf')}-analysis")
     from swm_hub.pipeline.analyze import analyze as run_analysis  # the stages load once the options are valid
 
-    report = run_analysis(model, folder, metric, calibration, max_tokens, revision, progress, run_on)
+    report = run_analysis(model, folder, options, revision, progress, run_on)
     echo(report.summary_lines())
     echo(f"wrote {folder / 'similarity.json'} and {folder / 'similarity.png'}")

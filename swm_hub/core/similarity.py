@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.options import check_metric
 
 MIN_CKA_ROWS = 4
 """The unbiased HSIC estimator divides by ``n (n - 3)`` and ``(n - 1)(n - 2)``, so it needs four rows."""
@@ -301,14 +302,6 @@ _KERNELS: Mapping[str, Callable[[Tensor], Tensor]] = MappingProxyType(
 """Metrics whose per-input kernel matrix can be built once and reused across all pairs."""
 
 
-def _check_metric(metric: str) -> None:
-    """Name the valid metrics, since the name usually comes from a command-line option."""
-    if metric not in PAIRWISE_METRICS:
-        raise InvalidOptionError(
-            f"unknown similarity metric {metric!r}; valid metrics: {', '.join(PAIRWISE_METRICS)}"
-        )
-
-
 _PairScore = tuple[int, int, float]
 """``(i, j, score)`` for inputs ``i < j``."""
 
@@ -403,7 +396,7 @@ def similarity_matrix(features: Sequence[Tensor], metric: str) -> Tensor:
     Raises:
         InvalidOptionError: ``metric`` is not a key of ``PAIRWISE_METRICS``.
     """
-    _check_metric(metric)
+    check_metric(metric)
     count = len(features)
     matrix = torch.eye(count, dtype=torch.float64)
     if count < 2:

@@ -16,10 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from swm_hub.core.calibration import blocks_by_kind
-from swm_hub.core.errors import InvalidOptionError
-from swm_hub.core.options import CalibrationOptions
+from swm_hub.core.options import CalibrationOptions, check_analysis
 from swm_hub.core.similarity import (
-    PAIRWISE_METRICS,
     angular_distance,
     io_redundancy,
     sample_rows,
@@ -81,16 +79,6 @@ def calibration_record(source: TextSource, options: CalibrationOptions) -> dict[
 # --- the similarity report of traces --------------------------------------------------------------------------------
 
 
-def check_report_request(metric: str, max_tokens: int) -> None:
-    """Fail before any forward pass, since both values usually come from command-line options."""
-    if metric not in PAIRWISE_METRICS:
-        raise InvalidOptionError(
-            f"unknown similarity metric {metric!r}; valid metrics: {', '.join(PAIRWISE_METRICS)}"
-        )
-    if max_tokens < 1:
-        raise InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
-
-
 def _layer_pairs(traces: Sequence[BatchTrace]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) of each layer in turn, flattening each position once and holding two at a time."""
     positions = (flat_hidden(traces, k) for k in range(len(traces[0].hidden)))
@@ -110,7 +98,7 @@ def analyze_traces(
         InvalidOptionError: an unknown metric, or ``max_tokens`` below 1.
         ValueError: no traces, or too few tokens for the metric (CKA needs four).
     """
-    check_report_request(metric, max_tokens)
+    check_analysis(metric, max_tokens)
     if not traces:
         raise ValueError("no calibration traces to analyze")
     outputs: list[torch.Tensor] = []

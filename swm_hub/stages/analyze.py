@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from swm_hub.core.options import CalibrationOptions
+from swm_hub.core.options import CalibrationOptions, check_analysis
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.loading import LoadedModel
@@ -21,7 +21,6 @@ from swm_hub.runtime.tracing import (
     analyze_traces,
     calibration_batches,
     calibration_record,
-    check_report_request,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def analyze_model(
         InvalidOptionError: an unknown metric or ``max_tokens`` below 1, before the model runs.
         CalibrationDataError: the text cannot be read or is too short.
     """
-    check_report_request(metric, max_tokens)
+    check_analysis(metric, max_tokens)
     source = calibration.source
     batches = calibration_batches(loaded.tokenizer, calibration, source)
     name = loaded.source.display_name

@@ -5,6 +5,7 @@ things in the same place, before any model is loaded, and a saved plan can recor
 Nothing here loads torch: ``--help`` and ``push`` start without it.
 """
 
+from swm_hub.core.options.analyze import METRICS, AnalyzeOptions, check_analysis, check_metric
 from swm_hub.core.options.bench import BACKENDS, BENCH_HELP, Backend, BenchOptions
 from swm_hub.core.options.common import (
     DEVICES,
@@ -45,9 +46,11 @@ __all__ = [
     "HELP",
     "METHODS",
     "MODULE_CHOICES",
+    "METRICS",
     "ONNX_DTYPES",
     "PAPER_TASKS",
     "TEACHER_CACHE_MODES",
+    "AnalyzeOptions",
     "Backend",
     "BenchOptions",
     "CalibrationOptions",
@@ -59,6 +62,8 @@ __all__ = [
     "MergeOptions",
     "MethodPreset",
     "PushOptions",
+    "check_analysis",
     "check_block_length",
+    "check_metric",
     "dtype_name",
 ]
