@@ -31,9 +31,19 @@ from typer.testing import CliRunner
 
 import swm_hub
 from swm_hub import cli
+from swm_hub.cli.common import option_parameters
 from swm_hub.core import atomic, errors
 from swm_hub.core.devices import DTYPES
-from swm_hub.core.options import EvalOptions, ExecutionOptions
+from swm_hub.core.options import (
+    BENCH_HELP,
+    EVAL_HELP,
+    HEAL_HELP,
+    HELP,
+    BenchOptions,
+    EvalOptions,
+    ExecutionOptions,
+    HealOptions,
+)
 from swm_hub.pipeline import analyze as analyze_recipe
 from swm_hub.runtime import execution
 from swm_hub.stages.evaluate import evaluate
@@ -234,6 +244,34 @@ def test_command_help_shows_valid_examples(name: str) -> None:
     assert "Examples:" in result.output
     assert f"swm-hub {name} " in result.output
     assert_examples_valid(result.output)
+
+
+@pytest.mark.parametrize(
+    ("command", "options_type", "helps", "prefix"),
+    [
+        ("heal", HealOptions, HEAL_HELP, ""),
+        ("compress", HealOptions, HEAL_HELP, "heal"),
+        ("eval", EvalOptions, EVAL_HELP, ""),
+        ("bench", BenchOptions, BENCH_HELP, ""),
+        ("analyze", ExecutionOptions, HELP, ""),
+    ],
+)
+def test_generated_options_carry_the_fields_defaults_and_help(
+    command: str, options_type: type, helps: dict[str, str], prefix: str
+) -> None:
+    """Each option generated from an options dataclass: its flag, the field's default, the field's help."""
+    click_command = typer.main.get_command(cli.app).commands[command]  # type: ignore[attr-defined]
+    by_flag = {flag: param for param in click_command.params for flag in param.opts}
+    generated = option_parameters(options_type, helps, prefix, names={"mode": "execution"})
+    checked = 0
+    for field, parameter in generated.items():
+        flag = "--" + parameter.name.replace("_", "-")
+        if flag not in by_flag or by_flag[flag].name != parameter.name:
+            continue  # a command may offer only some fields, and declare others itself (eval's --zero-shot)
+        assert by_flag[flag].default == getattr(options_type(), field), flag
+        assert by_flag[flag].help == helps[parameter.name.removeprefix(f"{prefix}_")], flag
+        checked += 1
+    assert checked >= 3, "the command offers the generated options"
 
 
 def test_readme_examples_use_real_commands_and_options() -> None:

@@ -11,9 +11,6 @@ from swm_hub.cli.common import (
     BatchOpt,
     CalibKindsOpt,
     CalibOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ExecutionOpt,
     ModelArg,
     QuietOpt,
     RevisionOpt,
@@ -34,6 +31,7 @@ Examples:
 """
 
 
+@with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
 @with_options("settings", AnalyzeOptions, HELP)
 def analyze(
     model: ModelArg,
@@ -46,10 +44,8 @@ def analyze(
     seq_len: SeqLenOpt = CalibrationOptions.seq_len,
     batch_size: BatchOpt = CalibrationOptions.batch_size,
     revision: RevisionOpt = None,
-    device: DeviceOpt = ExecutionOptions.device,
-    dtype: DtypeOpt = ExecutionOptions.dtype,
-    execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
+    run_on: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Measure how alike the decoder layers are: a similarity matrix, per-layer redundancy, and a heatmap.
@@ -60,10 +56,10 @@ def analyze(
     progress = configure(quiet_requested(quiet))
     calibration = calibration_options(calib, calib_kinds, samples, seq_len, batch_size)
     options = AnalyzeOptions(**(settings or {}), calibration=calibration)
-    run_on = ExecutionOptions(device=device, dtype=dtype, mode=execution)
+    execution = ExecutionOptions(**(run_on or {}))
     folder = out or Path(f"{Path(model.split('@')[0]).name.removesuffix('.gguf')}-analysis")
     from swm_hub.pipeline.analyze import analyze as run_analysis  # the stages load once the options are valid
 
-    report = run_analysis(model, folder, options, revision, progress, run_on)
+    report = run_analysis(model, folder, options, revision, progress, execution)
     echo(report.summary_lines())
     echo(f"wrote {folder / 'similarity.json'} and {folder / 'similarity.png'}")

@@ -31,9 +31,7 @@ CalibKindsOpt = Annotated[
 SamplesOpt = Annotated[int, typer.Option("--samples", help=HELP["samples"])]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help=HELP["seq_len"])]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help=HELP["batch_size"])]
-DeviceOpt = Annotated[str, typer.Option("--device", help=HELP["device"])]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help=HELP["dtype"])]
-ExecutionOpt = Annotated[str, typer.Option("--execution", help=HELP["execution"])]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace the output folder if it holds files")
 ]
@@ -47,26 +45,30 @@ _ANNOTATED: Any = Annotated  # indexed with a type known only at run time, which
 
 
 def option_parameters(
-    options_type: type, helps: Mapping[str, str], prefix: str = "", only: Collection[str] | None = None
-) -> list[inspect.Parameter]:
-    """One Typer option per field of ``options_type`` that has a help text: ``--<prefix>-<field-name>``.
+    options_type: type,
+    helps: Mapping[str, str],
+    prefix: str = "",
+    only: Collection[str] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, inspect.Parameter]:
+    """One Typer option per field of ``options_type`` that has a help text: ``--<prefix>-<name>``, by field.
 
-    The type and the default come from the field, the help from ``helps``; the parameter is named
-    ``<prefix>_<field>`` so that two groups of options can sit in one command.
+    The option's name is the field's, or the one ``names`` gives it (``mode`` is ``--execution``); the type
+    and the default come from the field, the help from ``helps`` under that name. The parameter is named
+    ``<prefix>_<name>`` so that two groups of options can sit in one command.
     """
     hints = typing.get_type_hints(options_type)
-    parameters = []
+    parameters = {}
     for item in dataclasses.fields(options_type):
-        if item.name not in helps or (only is not None and item.name not in only):
+        base = (names or {}).get(item.name, item.name)
+        if base not in helps or (only is not None and item.name not in only):
             continue
-        name = f"{prefix}_{item.name}" if prefix else item.name
+        name = f"{prefix}_{base}" if prefix else base
         flag = "--" + name.replace("_", "-")
-        option = typer.Option(flag, help=helps[item.name], show_default=item.default is not None)
+        option = typer.Option(flag, help=helps[base], show_default=item.default is not None)
         annotation = _ANNOTATED[hints[item.name], option]
-        parameters.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=annotation
-            )
+        parameters[item.name] = inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=annotation
         )
     return parameters
 
@@ -77,6 +79,7 @@ def with_options(
     helps: Mapping[str, str],
     prefix: str = "",
     only: Collection[str] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Callable[[Command], Command]:
     """Give a command one option per field of ``options_type`` (see ``option_parameters``).
 
@@ -85,10 +88,8 @@ def with_options(
     """
 
     def decorate(command: Command) -> Command:
-        added = option_parameters(options_type, helps, prefix, only)
-        fields = {
-            parameter.name: parameter.name.removeprefix(f"{prefix}_" if prefix else "") for parameter in added
-        }
+        added = option_parameters(options_type, helps, prefix, only, names)
+        fields = {parameter.name: field for field, parameter in added.items()}
         own = [
             parameter
             for parameter in inspect.signature(command, eval_str=True).parameters.values()
@@ -100,7 +101,7 @@ def with_options(
             values = {field: kwargs.pop(name) for name, field in fields.items() if name in kwargs}
             command(*args, **kwargs, **{group: values})
 
-        run.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+        run.__signature__ = inspect.Signature([*own, *added.values()])  # type: ignore[attr-defined]
         return typing.cast(Command, run)
 
     return decorate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,9 +12,6 @@ from swm_hub.cli.common import (
     BatchOpt,
     CalibKindsOpt,
     CalibOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ExecutionOpt,
     ModelArg,
     OverwriteOpt,
     QuietOpt,
@@ -63,6 +61,7 @@ Examples:
 """
 
 
+@with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
 @with_options("heal_settings", HealOptions, HEAL_HELP, prefix="heal", only=HEAL_FLAGS)
 def compress(
     model: ModelArg,
@@ -115,10 +114,8 @@ def compress(
     heal_resume: Annotated[
         bool, typer.Option("--heal-resume", help="continue an interrupted --heal from its checkpoint")
     ] = False,
-    device: DeviceOpt = ExecutionOptions.device,
-    dtype: DtypeOpt = ExecutionOptions.dtype,
-    execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
+    run_on: dict[str, Any] | None = None,
     heal_settings: dict[str, Any] | None = None,
 ) -> None:
     """Merge runs of redundant consecutive layers and write a smaller model that transformers loads as is.
@@ -139,9 +136,8 @@ def compress(
         ridge=ridge,
         calibration=calibration_options(calib, calib_kinds, samples, seq_len, batch_size),
     )
-    heal_options = HealOptions(
-        **(heal_settings or {}), execution=ExecutionOptions(device=device, dtype=dtype, mode="whole")
-    )
+    execution = ExecutionOptions(**(run_on or {}))
+    heal_options = HealOptions(**(heal_settings or {}), execution=replace(execution, mode="whole"))
     export_to = ExportOptions(formats=tuple(export_format)) if export_format else None
     push_to = PushOptions(repo_id=repo_id, private=private) if push_repo else None
     from swm_hub.pipeline.compress import (
@@ -160,7 +156,7 @@ def compress(
         run_eval=run_eval,
         export_to=export_to,
         push_to=push_to,
-        execution=ExecutionOptions(device=device, dtype=dtype, mode=execution),
+        execution=execution,
         heal=HealRequest(heal_options, resume=heal_resume) if heal_model else None,
     )
     merged = result.plan

@@ -7,19 +7,15 @@ from typing import Annotated, Any
 import typer
 
 from swm_hub.cli.common import (
-    DeviceOpt,
-    DtypeOpt,
-    ExecutionOpt,
     FolderArg,
     JsonOpt,
     QuietOpt,
     echo,
     with_options,
 )
-from swm_hub.core.options import EVAL_HELP, EvalOptions, ExecutionOptions
+from swm_hub.core.options import EVAL_HELP, HELP, EvalOptions, ExecutionOptions
 from swm_hub.core.progress import configure, quiet_requested
 
-NAME = "eval"
 EXAMPLES = """\b
 Examples:
   swm-hub eval smollm2-swm-24L
@@ -31,6 +27,7 @@ Examples:
 """
 
 
+@with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
 @with_options("settings", EvalOptions, EVAL_HELP, only=("text", "seq_len", "blocks", "task_dir", "limit"))
 def evaluate(
     model_dir: FolderArg,
@@ -41,10 +38,8 @@ def evaluate(
     zero_shot_tasks: Annotated[
         str | None, typer.Option("--zero-shot", help=EVAL_HELP["zero_shot"], show_default=False)
     ] = None,
-    device: DeviceOpt = ExecutionOptions.device,
-    dtype: DtypeOpt = ExecutionOptions.dtype,
-    execution: ExecutionOpt = ExecutionOptions.mode,
     quiet: QuietOpt = False,
+    run_on: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Held-out perplexity of a compressed model, its base model, and plain layer dropping at the same count.
@@ -59,7 +54,7 @@ def evaluate(
         **(settings or {}),
         baselines=EvalOptions.baselines_given(baseline),
         zero_shot=EvalOptions.tasks_given(zero_shot_tasks),
-        execution=ExecutionOptions(device=device, dtype=dtype, mode=execution),
+        execution=ExecutionOptions(**(run_on or {})),
     )
     from swm_hub.stages.evaluate import (
         evaluate as run_evaluation,  # the stage loads once the options are valid
