@@ -37,12 +37,17 @@ from swm_hub.core.devices import DTYPES
 from swm_hub.core.options import (
     BENCH_HELP,
     EVAL_HELP,
+    EXPORT_HELP,
     HEAL_HELP,
     HELP,
+    PUSH_HELP,
     BenchOptions,
+    CalibrationOptions,
     EvalOptions,
     ExecutionOptions,
+    ExportOptions,
     HealOptions,
+    PushOptions,
 )
 from swm_hub.pipeline import analyze as analyze_recipe
 from swm_hub.runtime import execution
@@ -247,22 +252,25 @@ def test_command_help_shows_valid_examples(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "options_type", "helps", "prefix"),
+    ("command", "options_type", "helps", "prefix", "names"),
     [
-        ("heal", HealOptions, HEAL_HELP, ""),
-        ("compress", HealOptions, HEAL_HELP, "heal"),
-        ("eval", EvalOptions, EVAL_HELP, ""),
-        ("bench", BenchOptions, BENCH_HELP, ""),
-        ("analyze", ExecutionOptions, HELP, ""),
+        ("heal", HealOptions, HEAL_HELP, "", {}),
+        ("compress", HealOptions, HEAL_HELP, "heal", {}),
+        ("compress", CalibrationOptions, HELP, "", {"text": "calib"}),
+        ("eval", EvalOptions, EVAL_HELP, "", {}),
+        ("bench", BenchOptions, BENCH_HELP, "", {}),
+        ("analyze", ExecutionOptions, HELP, "", {"mode": "execution"}),
+        ("export", ExportOptions, EXPORT_HELP, "", {}),
+        ("push", PushOptions, PUSH_HELP, "", {}),
     ],
 )
 def test_generated_options_carry_the_fields_defaults_and_help(
-    command: str, options_type: type, helps: dict[str, str], prefix: str
+    command: str, options_type: type, helps: dict[str, str], prefix: str, names: dict[str, str]
 ) -> None:
     """Each option generated from an options dataclass: its flag, the field's default, the field's help."""
     click_command = typer.main.get_command(cli.app).commands[command]  # type: ignore[attr-defined]
     by_flag = {flag: param for param in click_command.params for flag in param.opts}
-    generated = option_parameters(options_type, helps, prefix, names={"mode": "execution"})
+    generated = option_parameters(options_type, helps, prefix, names=names)
     checked = 0
     for field, parameter in generated.items():
         flag = "--" + parameter.name.replace("_", "-")

@@ -8,19 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from swm_hub.cli.common import (
-    BatchOpt,
     CalibKindsOpt,
-    CalibOpt,
     ModelArg,
     QuietOpt,
     RevisionOpt,
-    SamplesOpt,
-    SeqLenOpt,
     calibration_options,
     echo,
+    with_calibration,
     with_options,
 )
-from swm_hub.core.options import HELP, AnalyzeOptions, CalibrationOptions, ExecutionOptions
+from swm_hub.core.options import HELP, AnalyzeOptions, ExecutionOptions
 from swm_hub.core.progress import configure, quiet_requested
 
 EXAMPLES = """\b
@@ -31,6 +28,7 @@ Examples:
 """
 
 
+@with_calibration
 @with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
 @with_options("settings", AnalyzeOptions, HELP)
 def analyze(
@@ -38,13 +36,10 @@ def analyze(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="folder for similarity.json and similarity.png")
     ] = None,
-    calib: CalibOpt = None,
     calib_kinds: CalibKindsOpt = None,
-    samples: SamplesOpt = CalibrationOptions.samples,
-    seq_len: SeqLenOpt = CalibrationOptions.seq_len,
-    batch_size: BatchOpt = CalibrationOptions.batch_size,
     revision: RevisionOpt = None,
     quiet: QuietOpt = False,
+    calibration: dict[str, Any] | None = None,
     run_on: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
 ) -> None:
@@ -54,8 +49,7 @@ def analyze(
     the redundant layers are.
     """
     progress = configure(quiet_requested(quiet))
-    calibration = calibration_options(calib, calib_kinds, samples, seq_len, batch_size)
-    options = AnalyzeOptions(**(settings or {}), calibration=calibration)
+    options = AnalyzeOptions(**(settings or {}), calibration=calibration_options(calib_kinds, calibration))
     execution = ExecutionOptions(**(run_on or {}))
     folder = out or Path(f"{Path(model.split('@')[0]).name.removesuffix('.gguf')}-analysis")
     from swm_hub.pipeline.analyze import analyze as run_analysis  # the stages load once the options are valid

@@ -24,17 +24,11 @@ ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)]
 FolderArg = Annotated[Path, typer.Argument(help="a folder written by swm-hub compress", show_default=False)]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars (also SWM_HUB_QUIET=1)")]
-CalibOpt = Annotated[Path | None, typer.Option("--calib", help=HELP["calib"], show_default=False)]
 CalibKindsOpt = Annotated[
     str | None, typer.Option("--calib-kinds", help=HELP["calib_kinds"], show_default=False)
 ]
-SamplesOpt = Annotated[int, typer.Option("--samples", help=HELP["samples"])]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help=HELP["seq_len"])]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help=HELP["batch_size"])]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help=HELP["dtype"])]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="replace the output folder if it holds files")
-]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help=HELP["overwrite"])]
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="also write the results as JSON here", show_default=False)
 ]
@@ -107,16 +101,20 @@ def with_options(
     return decorate
 
 
-def calibration_options(
-    calib: Path | None, calib_kinds: str | None, samples: int, seq_len: int, batch_size: int
-) -> CalibrationOptions:
-    """The calibration options of ``--calib``, ``--calib-kinds`` (comma-separated) and the block sizes."""
+def with_calibration(command: Command) -> Command:
+    """``--calib`` (the ``text`` field), ``--samples``, ``--seq-len`` and ``--batch-size``, as ``calibration``."""
+    fields = ("text", "samples", "seq_len", "batch_size")
+    return with_options("calibration", CalibrationOptions, HELP, only=fields, names={"text": "calib"})(
+        command
+    )
+
+
+def calibration_options(calib_kinds: str | None, values: Mapping[str, Any] | None) -> CalibrationOptions:
+    """The calibration options of ``with_calibration``'s values and ``--calib-kinds`` (comma-separated)."""
     kinds = (
         tuple(k.strip() for k in calib_kinds.split(",") if k.strip()) if calib_kinds is not None else KINDS
     )
-    return CalibrationOptions(
-        text=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, kinds=kinds
-    )
+    return CalibrationOptions(**(values or {}), kinds=kinds)
 
 
 def echo(lines: str | list[str]) -> None:

@@ -9,24 +9,20 @@ from typing import Annotated, Any
 import typer
 
 from swm_hub.cli.common import (
-    BatchOpt,
     CalibKindsOpt,
-    CalibOpt,
     ModelArg,
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
-    SamplesOpt,
-    SeqLenOpt,
     calibration_options,
     echo,
+    with_calibration,
     with_options,
 )
 from swm_hub.core import errors
 from swm_hub.core.options import (
     HEAL_HELP,
     HELP,
-    CalibrationOptions,
     ExecutionOptions,
     ExportOptions,
     HealOptions,
@@ -61,6 +57,7 @@ Examples:
 """
 
 
+@with_calibration
 @with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
 @with_options("heal_settings", HealOptions, HEAL_HELP, prefix="heal", only=HEAL_FLAGS)
 def compress(
@@ -82,11 +79,7 @@ def compress(
         Path | None,
         typer.Option("--plan", help="apply a saved swm_plan.json instead of searching", show_default=False),
     ] = None,
-    calib: CalibOpt = None,
     calib_kinds: CalibKindsOpt = None,
-    samples: SamplesOpt = CalibrationOptions.samples,
-    seq_len: SeqLenOpt = CalibrationOptions.seq_len,
-    batch_size: BatchOpt = CalibrationOptions.batch_size,
     revision: RevisionOpt = None,
     overwrite: OverwriteOpt = False,
     run_eval: Annotated[
@@ -115,6 +108,7 @@ def compress(
         bool, typer.Option("--heal-resume", help="continue an interrupted --heal from its checkpoint")
     ] = False,
     quiet: QuietOpt = False,
+    calibration: dict[str, Any] | None = None,
     run_on: dict[str, Any] | None = None,
     heal_settings: dict[str, Any] | None = None,
 ) -> None:
@@ -134,7 +128,7 @@ def compress(
         method=method,
         merge=merge,
         ridge=ridge,
-        calibration=calibration_options(calib, calib_kinds, samples, seq_len, batch_size),
+        calibration=calibration_options(calib_kinds, calibration),
     )
     execution = ExecutionOptions(**(run_on or {}))
     heal_options = HealOptions(**(heal_settings or {}), execution=replace(execution, mode="whole"))

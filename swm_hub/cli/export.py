@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from swm_hub.cli.common import OverwriteOpt, QuietOpt, echo
-from swm_hub.core.options import ExportOptions
+from swm_hub.cli.common import QuietOpt, echo, with_options
+from swm_hub.core.options import EXPORT_HELP, ExportOptions
 from swm_hub.core.progress import configure, quiet_requested
 
 EXAMPLES = """\b
@@ -20,6 +20,7 @@ Examples:
 """
 
 
+@with_options("settings", ExportOptions, EXPORT_HELP)
 def export(
     model_dir: Annotated[
         Path, typer.Argument(help="a model folder (e.g. written by swm-hub compress)", show_default=False)
@@ -39,23 +40,8 @@ def export(
             "--format", help="onnx (ONNX with KV cache) or genai (onnxruntime-genai's model builder, CPU)"
         ),
     ] = "onnx",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype", help="onnx: float32, or float16 (needs --device cuda); fp32, fp16 also accepted"
-        ),
-    ] = ExportOptions.dtype,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            "--precision",
-            help="genai: int4 (default, 4-bit weights) or float32 (fp32 also accepted)",
-            show_default=False,
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = ExportOptions.device,
-    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Export to ONNX with KV cache (torch.onnx.export; the names optimum and transformers.js read) and check it.
 
@@ -69,14 +55,7 @@ def export(
     within the tolerance; int4 must generate every token, and its agreement with torch is printed.
     """
     configure(quiet_requested(quiet))
-    options = ExportOptions(
-        formats=(export_format,),
-        out=out,
-        dtype=dtype,
-        device=device,
-        overwrite=overwrite,
-        precision=precision,
-    )
+    options = ExportOptions(formats=(export_format,), out=out, **(settings or {}))
     from swm_hub.stages import export as exporters  # the stage loads once the options are valid
 
     result = exporters.export(model_dir, options)[export_format]

@@ -22,13 +22,14 @@ from swm_hub.core.options.evaluate import DROP_BASELINES, EVAL_HELP, PAPER_TASKS
 from swm_hub.core.options.export import (
     DEFAULT_PRECISION,
     EXPORT_FORMATS,
+    EXPORT_HELP,
     GENAI_PRECISIONS,
     ONNX_DTYPES,
     ExportOptions,
 )
 from swm_hub.core.options.heal import HEAL_HELP, MODULE_CHOICES, TEACHER_CACHE_MODES, HealOptions
 from swm_hub.core.options.merge import METHODS, MeasuredCuts, MergeOptions, MethodPreset
-from swm_hub.core.options.push import PushOptions
+from swm_hub.core.options.push import PUSH_HELP, PushOptions
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +42,7 @@ __all__ = [
     "EVAL_HELP",
     "EXECUTION_MODES",
     "EXPORT_FORMATS",
+    "EXPORT_HELP",
     "GENAI_PRECISIONS",
     "HEAL_HELP",
     "HELP",
@@ -49,6 +51,7 @@ __all__ = [
     "METRICS",
     "ONNX_DTYPES",
     "PAPER_TASKS",
+    "PUSH_HELP",
     "TEACHER_CACHE_MODES",
     "AnalyzeOptions",
     "Backend",

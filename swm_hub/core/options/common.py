@@ -37,6 +37,7 @@ HELP: dict[str, str] = {
     "dtype": "precision the model is loaded and run in: float32, bfloat16 or float16 (fp32, bf16, fp16 also "
     "accepted); the output is saved in it, or in the checkpoint's own precision where that is narrower (a "
     "float16 model run in float32 stays float16)",
+    "overwrite": "replace the output folder if it holds files",
     "execution": "whole (the model in memory), layerwise (one decoder layer at a time from the safetensors "
     "shards; for models larger than memory) or auto (layerwise when the weights would take more than half "
     "of the free memory)",

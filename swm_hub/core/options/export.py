@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swm_hub.core.errors import InvalidOptionError
-from swm_hub.core.options.common import dtype_name
+from swm_hub.core.options.common import HELP, dtype_name
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "genai")
 ONNX_DTYPES: tuple[str, ...] = ("float32", "float16")
@@ -14,6 +14,12 @@ GENAI_PRECISIONS: tuple[str, ...] = ("int4", "float32")
 DEFAULT_PRECISION: str = "int4"
 GENAI_DEVICE: str = "cpu"
 """The genai export is built for onnxruntime-genai's CPU provider."""
+EXPORT_HELP: dict[str, str] = {
+    "dtype": "onnx: float32, or float16 (needs --device cuda); fp32, fp16 also accepted",
+    "precision": "genai: int4 (default, 4-bit weights) or float32 (fp32 also accepted)",
+    "device": "cpu or cuda",
+    "overwrite": HELP["overwrite"],
+}
 
 
 def check_genai_options(precision: str, device: str) -> str:

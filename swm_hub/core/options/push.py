@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PUSH_HELP: dict[str, str] = {
+    "repo_id": "default: <user>/<base-name>-swm-<N>L",
+    "private": "create the repo private",
+    "revision": "branch to push to",
+    "create_pr": "open a pull request instead of committing",
+    "commit_message": "commit title",
+    "dry_run": "list what would be uploaded, upload nothing",
+}
+
 
 @dataclass(frozen=True)
 class PushOptions:
