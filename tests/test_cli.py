@@ -47,6 +47,7 @@ from swm_hub.core.options import (
     ExecutionOptions,
     ExportOptions,
     HealOptions,
+    MergeOptions,
     PushOptions,
 )
 from swm_hub.pipeline import analyze as analyze_recipe
@@ -257,6 +258,7 @@ def test_command_help_shows_valid_examples(name: str) -> None:
         ("heal", HealOptions, HEAL_HELP, "", {}),
         ("compress", HealOptions, HEAL_HELP, "heal", {}),
         ("compress", CalibrationOptions, HELP, "", {"text": "calib"}),
+        ("compress", MergeOptions, HELP, "", {}),
         ("eval", EvalOptions, EVAL_HELP, "", {}),
         ("bench", BenchOptions, BENCH_HELP, "", {}),
         ("analyze", ExecutionOptions, HELP, "", {"mode": "execution"}),

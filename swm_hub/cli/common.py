@@ -78,7 +78,8 @@ def with_options(
     """Give a command one option per field of ``options_type`` (see ``option_parameters``).
 
     The command receives their values as one dict, keyword ``group``, ready for ``options_type(**values)``
-    beside the fields it sets itself; its other parameters stay as it declares them.
+    beside the fields it sets itself; its other parameters stay as it declares them, first in ``--help``.
+    Stacked, the decorator nearest the function lists its options first.
     """
 
     def decorate(command: Command) -> Command:

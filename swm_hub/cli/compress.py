@@ -57,24 +57,15 @@ Examples:
 """
 
 
-@with_calibration
-@with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
 @with_options("heal_settings", HealOptions, HEAL_HELP, prefix="heal", only=HEAL_FLAGS)
+@with_options("run_on", ExecutionOptions, HELP, names={"mode": "execution"})
+@with_calibration
+@with_options("target", MergeOptions, HELP)
 def compress(
     model: ModelArg,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="folder for the compressed model", show_default=False)
     ],
-    threshold: Annotated[
-        float | None, typer.Option("--threshold", help=HELP["threshold"], show_default=False)
-    ] = None,
-    target_layers: Annotated[
-        int | None, typer.Option("--target-layers", help=HELP["target_layers"], show_default=False)
-    ] = None,
-    ratio: Annotated[float | None, typer.Option("--ratio", help=HELP["ratio"], show_default=False)] = None,
-    method: Annotated[str, typer.Option("--method", help=HELP["method"])] = "swm-fit",
-    merge: Annotated[str | None, typer.Option("--merge", help=HELP["merge"], show_default=False)] = None,
-    ridge: Annotated[float, typer.Option("--ridge", help=HELP["ridge"])] = MergeOptions.ridge,
     plan: Annotated[
         Path | None,
         typer.Option("--plan", help="apply a saved swm_plan.json instead of searching", show_default=False),
@@ -108,6 +99,7 @@ def compress(
         bool, typer.Option("--heal-resume", help="continue an interrupted --heal from its checkpoint")
     ] = False,
     quiet: QuietOpt = False,
+    target: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
     run_on: dict[str, Any] | None = None,
     heal_settings: dict[str, Any] | None = None,
@@ -118,18 +110,13 @@ def compress(
     threshold). The output folder holds safetensors (sharded above 2 GB), the rewritten config.json, the tokenizer,
     the generation config and swm_plan.json (the windows and every score that chose them).
     """
+    target = target or {}
     if plan is not None:
-        _refuse_with_plan(threshold=threshold, target_layers=target_layers, ratio=ratio, merge=merge)
+        _refuse_with_plan(
+            **{name: target.get(name) for name in ("threshold", "target_layers", "ratio", "merge")}
+        )
     progress = configure(quiet_requested(quiet))
-    options = MergeOptions(
-        threshold=threshold,
-        target_layers=target_layers,
-        ratio=ratio,
-        method=method,
-        merge=merge,
-        ridge=ridge,
-        calibration=calibration_options(calib_kinds, calibration),
-    )
+    options = MergeOptions(**target, calibration=calibration_options(calib_kinds, calibration))
     execution = ExecutionOptions(**(run_on or {}))
     heal_options = HealOptions(**(heal_settings or {}), execution=replace(execution, mode="whole"))
     export_to = ExportOptions(formats=tuple(export_format)) if export_format else None
