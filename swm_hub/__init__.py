@@ -16,6 +16,7 @@ from swm_hub.core.version import __version__
 
 if TYPE_CHECKING:
     from swm_hub.core.options import (
+        AnalyzeOptions,
         BenchOptions,
         CalibrationOptions,
         EvalOptions,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from swm_hub.stages.merge import MergeResult
 
 _HOMES: dict[str, str] = {
+    "AnalyzeOptions": "swm_hub.core.options",
     "BenchOptions": "swm_hub.core.options",
     "CalibrationOptions": "swm_hub.core.options",
     "CompressResult": "swm_hub.pipeline.compress",
@@ -58,6 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AnalyzeOptions",
     "BenchOptions",
     "CalibrationOptions",
     "CompressResult",

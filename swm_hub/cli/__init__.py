@@ -12,15 +12,12 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import typer
 
 from swm_hub.cli import analyze, bench, card, compress, evaluate, export, heal, push
 from swm_hub.core import errors
 from swm_hub.core.atomic import exit_on_sigterm
-from swm_hub.core.merge_rules import MERGE_RULES
-from swm_hub.core.options import METHODS
 from swm_hub.core.program import program_name
 
 APP_EXAMPLES = """\b
@@ -87,7 +84,7 @@ def _hint(error: errors.SwmHubError) -> str:
     return next((hint for kind, hint in ADVICE if isinstance(error, kind)), "")
 
 
-def _report_interrupted(stop: Any) -> None:
+def _report_interrupted(stop: errors.HealInterrupted) -> None:
     """Ctrl-C during a heal: one line saying how far it got and the command that resumes, then exit 130."""
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process says it
         sys.exit(130)
@@ -121,4 +118,4 @@ def main() -> None:
         sys.exit(1)
 
 
-__all__ = ["COMMANDS", "MERGE_RULES", "METHODS", "app", "main"]
+__all__ = ["ADVICE", "COMMANDS", "app", "main"]

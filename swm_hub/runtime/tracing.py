@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +26,6 @@ from swm_hub.core.similarity import (
 from swm_hub.core.texts import TextSource
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden, trace_batch
-
-if TYPE_CHECKING:
-    pass
 
 
 def calibration_batches(
