@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_LAYERS, build_tiny_model
 
-from swm_hub.core.errors import InvalidOptionError
+from swm_hub.core.errors import InvalidOptionError, UnknownModelError
 from swm_hub.core.options import DROP_BASELINES, PAPER_TASKS, EvalOptions, ExecutionOptions
 from swm_hub.results.evaluation import EvalReport, PerplexityRow
 from swm_hub.results.plan import MergePlan
@@ -22,6 +22,7 @@ from swm_hub.stages.evaluate import (
     DROP_RULES,
     drop_by_angular_distance,
     drop_by_block_influence,
+    evaluate,
     perplexity,
     windows_for_dropped,
 )
@@ -205,3 +206,9 @@ def test_the_eval_table_stays_aligned_with_a_long_model_name() -> None:
         report.table_lines()[-1]
         == "merged / best drop baseline: worst 0.789 (narrative); better than dropping on every kind"
     )
+
+
+def test_eval_of_a_folder_without_a_plan_says_to_give_a_compressed_folder(tmp_path: Path) -> None:
+    """Not a --plan problem (eval has no --plan): the folder is not one compress wrote."""
+    with pytest.raises(UnknownModelError, match="it has no swm_plan.json: give a folder written by"):
+        evaluate(tmp_path)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from swm_hub.core.config_rewrite import kept_layers
-from swm_hub.core.errors import PlanMismatchError
+from swm_hub.core.errors import PlanMismatchError, UnknownModelError
 from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.program import program_name
 from swm_hub.core.version import __version__
 from swm_hub.results.schema import SCHEMA_KEY, check_schema
 
@@ -71,6 +72,21 @@ class MergePlan:
 
     def to_json(self) -> str:
         return json.dumps({SCHEMA_KEY: SCHEMA_VERSION, **asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def in_folder(cls, folder: Path | str, verb: str = "give") -> MergePlan:
+        """The plan of a folder ``compress`` wrote; a folder without one is not ours, and the error says so.
+
+        Raises:
+            UnknownModelError: ``folder`` holds no plan; the message asks to ``verb`` a compressed folder.
+            PlanMismatchError, ResultFileVersionError: as ``from_file``.
+        """
+        path = Path(folder) / PLAN_FILE
+        if not path.is_file():
+            raise UnknownModelError(
+                str(folder), f"it has no {PLAN_FILE}: {verb} a folder written by `{program_name()} compress`"
+            )
+        return cls.from_file(path)
 
     @classmethod
     def from_file(cls, path: Path) -> MergePlan:

@@ -37,7 +37,6 @@ from swm_hub.core.errors import (
     ResultFileError,
     ResultFileVersionError,
     SwmHubError,
-    UnknownModelError,
 )
 from swm_hub.core.files import BENCH_FILE, CARD_FILE, EVAL_FILE, ONNX_FOLDER, SIMILARITY_JSON, SIMILARITY_PNG
 from swm_hub.core.headers import read_entries
@@ -336,12 +335,7 @@ def build_context(folder: Path, repo_id: str | None = None, name: str | None = N
     """
     folder = Path(folder)
     name = name or folder.name
-    plan_path = folder / PLAN_FILE
-    if not plan_path.is_file():
-        raise UnknownModelError(
-            str(folder), f"it has no {PLAN_FILE}: give a folder written by `swm-hub compress`"
-        )
-    plan = MergePlan.from_file(plan_path)
+    plan = MergePlan.in_folder(folder)
     onnx = folder / ONNX_FOLDER
     has_onnx = onnx.is_dir() and any(onnx.glob("*.onnx"))
     context = CardContext(

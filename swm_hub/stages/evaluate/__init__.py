@@ -22,7 +22,7 @@ from swm_hub.core.options import DROP_BASELINES, CalibrationOptions, EvalOptions
 from swm_hub.core.similarity import io_redundancy, mean_cosine
 from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
-from swm_hub.results.plan import PLAN_FILE, MergePlan
+from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.execution import Loss, batch_losses, execution_of
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden
 from swm_hub.runtime.loading import LoadedModel, pull_for
@@ -116,7 +116,7 @@ def evaluate(
     shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's
     perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
     """
-    plan = MergePlan.from_file(model_dir / PLAN_FILE)
+    plan = MergePlan.in_folder(model_dir)
     execution, seq_len, blocks, text = options.execution, options.seq_len, options.blocks, options.source
     merged = pull_for(str(model_dir), None, execution)
     check_block_length(merged.config, seq_len)

@@ -13,7 +13,7 @@ too, and on SmolLM2 at 9 of 30 removed this healed the merged model clearly bett
 consolidated layers at the same budget (README, heal). ``modules="merged"`` adapts only the consolidated
 layers (the lowest layer of each merged window, in the compressed model's numbering), the layers that now
 do the work of several. The loop itself (``training``) runs under ``accelerate``: ``accelerate launch -m
-swm_hub.cli heal ...`` trains data-parallel on several GPUs with the same code a CPU run uses.
+swm_hub heal ...`` trains data-parallel on several GPUs with the same code a CPU run uses.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from swm_hub.core.errors import (
     InvalidMergeError,
     InvalidOptionError,
     MissingDependencyError,
-    UnknownModelError,
 )
 from swm_hub.core.options import (
     CalibrationOptions,
@@ -186,7 +185,7 @@ def heal(
     options = options or HealOptions()
     folder = Path(folder)
     out = Path(out) if out is not None else folder.with_name(f"{folder.name}-healed")
-    plan = read_plan(folder)
+    plan = MergePlan.in_folder(folder)
     _require_peft()
     if compare is not None and options.teacher_cache == "disk":
         raise InvalidOptionError(
@@ -299,7 +298,7 @@ def heal_into(
         "--heal needs the base model whole in memory as the teacher, and it was loaded layer-wise: pass "
         "--execution whole, or heal the compressed folder with `swm-hub heal --teacher-cache disk`"
     )
-    plan = read_plan(folder)
+    plan = MergePlan.in_folder(folder)
     execution = replace(options.execution, mode="whole")
     student = pull(str(folder), dtype=DTYPES[execution.dtype], device="cpu", execution="whole")
     refuse_checkpoint_state(store_folder, resume)
@@ -374,15 +373,6 @@ def heal_model(
 
 
 # --- the pieces -------------------------------------------------------------------------------------------------
-
-
-def read_plan(folder: Path) -> MergePlan:
-    path = Path(folder) / PLAN_FILE
-    if not path.is_file():
-        raise UnknownModelError(
-            str(folder), f"it has no {PLAN_FILE}: give a folder written by `swm-hub compress`"
-        )
-    return MergePlan.from_file(path)
 
 
 def refuse_checkpoint_state(store_folder: Path, resume: bool) -> None:

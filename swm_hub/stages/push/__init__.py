@@ -36,13 +36,12 @@ from swm_hub.core.errors import (
     PushError,
     PushPermissionError,
     SwmHubError,
-    UnknownModelError,
 )
 from swm_hub.core.files import CARD_FILE
 from swm_hub.core.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
 from swm_hub.core.options import PushOptions
 from swm_hub.core.program import program_name
-from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
+from swm_hub.results.plan import MergePlan, default_repo_name
 from swm_hub.results.push import PushResult, UploadFile, size_text
 
 __all__ = [
@@ -99,7 +98,7 @@ def push(
         PushError: the Hub could not be reached or refused the upload for another reason.
     """
     folder = Path(folder)
-    plan = _read_plan(folder)
+    plan = MergePlan.in_folder(folder, verb="push")
     repo_id, revision, create_pr = options.repo_id, options.revision, options.create_pr
     retry = retry_command(folder, options)
     if options.dry_run:
@@ -157,7 +156,7 @@ def default_repo_id(folder: Path, token: str | None = None, endpoint: str | None
         UnknownModelError: ``folder`` has no readable plan.
         huggingface_hub / httpx errors: the Hub cannot be asked (``push`` turns them into ``PushError``).
     """
-    plan = _read_plan(Path(folder))
+    plan = MergePlan.in_folder(folder, verb="push")
     user = HfApi(endpoint=endpoint).whoami(token=token)["name"]
     return f"{user}/{default_repo_name(plan)}"
 
@@ -213,14 +212,6 @@ def _check_endpoint(endpoint: str | None) -> None:
             f"the endpoint {endpoint} is not the one huggingface_hub is configured for ({configured}): "
             f"set HF_ENDPOINT={endpoint} instead"
         )
-
-
-def _read_plan(folder: Path) -> MergePlan:
-    if not (folder / PLAN_FILE).is_file():
-        raise UnknownModelError(
-            str(folder), f"it has no {PLAN_FILE}: push a folder written by `{program_name()} compress`"
-        )
-    return MergePlan.from_file(folder / PLAN_FILE)
 
 
 def _with_card(
