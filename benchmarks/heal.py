@@ -61,7 +61,8 @@ from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.layer_trace import BatchTrace
 from swm_hub.runtime.loading import LoadedModel, pull
-from swm_hub.stages.heal import HealResult, adapted_module_names, heal_model, training_blocks
+from swm_hub.stages.heal import HealResult, adapted_module_names, autocast_dtype, heal_model, training_blocks
+from swm_hub.stages.heal.training import forward_precision
 from swm_hub.stages.merge import build_merged_model, plan_merge
 
 MODEL = "smollm2"
@@ -77,6 +78,7 @@ class Settings:
     batch_size: int
     lr: float
     modules: str
+    autocast: str
     eval_blocks: int
     eval_len: int
     threads: int
@@ -94,6 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--modules", default=HealOptions.modules, help="all or merged (see heal --help)")
+    parser.add_argument(
+        "--autocast", default=HealOptions.autocast, help="auto, bf16 or off (see heal --help)"
+    )
     parser.add_argument("--eval-blocks", type=int, default=10, help="held-out blocks (shared by the kinds)")
     parser.add_argument("--eval-len", type=int, default=256, help="tokens per held-out block")
     parser.add_argument("--speed-steps", type=int, default=3, help="steps of each timed training loop")
@@ -102,7 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
     if args.quick:
-        return Settings((9,), 2 * 4 * 64, 64, 4, args.lr, args.modules, 5, 64, threads, 2, 1)
+        return Settings((9,), 2 * 4 * 64, 64, 4, args.lr, args.modules, args.autocast, 5, 64, threads, 2, 1)
     return Settings(
         tuple(args.counts),
         args.tokens,
@@ -110,6 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         args.batch_size,
         args.lr,
         args.modules,
+        args.autocast,
         args.eval_blocks,
         args.eval_len,
         threads,
@@ -138,13 +144,15 @@ def plain_peft_tokens_per_s(
     model: Any = get_peft_model(student, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     blocks, _ = training_blocks(base.tokenizer, plan, options)
+    autocast = autocast_dtype(options, torch.device("cpu"))
     model.train()
     started = time.perf_counter()
     for step in range(options.steps):
         ids = blocks[step * options.batch_size : (step + 1) * options.batch_size]
-        with torch.no_grad():
+        with torch.no_grad(), forward_precision(torch.device("cpu"), autocast):
             teacher = base.model(input_ids=ids, use_cache=False).logits
-        student_logits = model(input_ids=ids, use_cache=False).logits
+        with forward_precision(torch.device("cpu"), autocast):
+            student_logits = model(input_ids=ids, use_cache=False).logits
         loss = F.kl_div(
             F.log_softmax(student_logits.float(), -1).flatten(0, 1),
             F.log_softmax(teacher.float(), -1).flatten(0, 1),
@@ -172,6 +180,7 @@ def run(settings: Settings) -> dict[str, Any]:
         batch_size=settings.batch_size,
         lr=settings.lr,
         modules=settings.modules,
+        autocast=settings.autocast,
         checkpoint_every=0,
         execution=ExecutionOptions(device="cpu"),
     )

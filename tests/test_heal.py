@@ -113,11 +113,34 @@ def stop_at(step: int) -> Callable[[StepReport], None]:
         ({"checkpoint_every": -1}, "--checkpoint-every must be at least 0"),
         ({"top_k": 0}, "--top-k must be at least 1"),
         ({"execution": ExecutionOptions(mode="layerwise")}, "--execution layerwise does not apply"),
+        ({"autocast": "fp16"}, "--autocast must be one of auto, bf16, off"),
+        (
+            {"autocast": "bf16", "execution": ExecutionOptions(device="cpu", dtype="float16")},
+            "--dtype float16 already computes in float16",
+        ),
     ],
 )
 def test_options_are_validated(change: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidOptionError, match=message):
         replace(SMALL, **change)
+
+
+@pytest.mark.parametrize(
+    ("autocast", "dtype", "native", "expected"),
+    [
+        ("auto", "float32", True, torch.bfloat16),
+        ("auto", "float32", False, None),
+        ("bf16", "float32", False, torch.bfloat16),
+        ("off", "float32", True, None),
+        ("auto", "bfloat16", True, None),  # the weights already compute in bfloat16
+    ],
+)
+def test_autocast_follows_the_option_the_weights_and_the_device(
+    autocast: str, dtype: str, native: bool, expected: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(heal_module, "has_bf16_arithmetic", lambda device: native)
+    options = replace(SMALL, autocast=autocast, execution=ExecutionOptions(device="cpu", dtype=dtype))
+    assert heal_module.autocast_dtype(options, torch.device("cpu")) == expected
 
 
 def test_steps_never_exceed_the_budget() -> None:
@@ -205,6 +228,32 @@ def test_keep_adapter_saves_what_peft_loads_back(compressed: Path, tmp_path: Pat
     for name, tensor in merged.state_dict().items():
         if name in healed:
             torch.testing.assert_close(tensor, healed[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("autocast", "computed"), [("bf16", torch.bfloat16), ("off", torch.float32)])
+def test_autocast_runs_both_forward_passes_in_bfloat16_and_keeps_the_weights_float32(
+    compressed: Path, autocast: str, computed: torch.dtype
+) -> None:
+    student, teacher = pull(str(compressed)), pull(str(plan_of(compressed).model))
+    seen: dict[str, set[torch.dtype]] = {"student": set(), "teacher": set()}
+    for role, model in (("student", student.model), ("teacher", teacher.model)):
+        head = model.get_output_embeddings()
+        head.register_forward_hook(lambda module, args, out, role=role: seen[role].add(out.dtype))
+    options = replace(SMALL, tokens=2 * 4 * 16, autocast=autocast)
+    healed, result = heal_model(student.model, teacher.model, plan_of(compressed), student.tokenizer, options)
+    assert seen == {"student": {computed}, "teacher": {computed}}
+    assert (
+        result.record["autocast"] == autocast and torch.isfinite(torch.tensor(result.loss["averages"])).all()
+    )
+    assert {tensor.dtype for tensor in healed.state_dict().values()} == {torch.float32}
+
+
+def test_a_resume_under_another_autocast_is_refused(compressed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(HealInterrupted):
+        heal(compressed, out, replace(SMALL, autocast="bf16"), on_step=stop_at(1))
+    with pytest.raises(InvalidOptionError, match="made by a different run .*autocast 'bf16' -> 'off'"):
+        heal(compressed, out, replace(SMALL, autocast="off"), resume=True)
 
 
 def test_hidden_state_term_adds_to_the_loss(compressed: Path, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ HEAL_FLAGS = (
     "seed",
     "hidden_weight",
     "teacher_cache",
+    "autocast",
 )
 """The heal options ``compress --heal`` offers as ``--heal-*``; the rest keep their defaults (``swm-hub heal`` has all)."""
 

@@ -27,11 +27,18 @@ from swm_hub.core.options.export import (
     ONNX_DTYPES,
     ExportOptions,
 )
-from swm_hub.core.options.heal import HEAL_HELP, MODULE_CHOICES, TEACHER_CACHE_MODES, HealOptions
+from swm_hub.core.options.heal import (
+    AUTOCAST_MODES,
+    HEAL_HELP,
+    MODULE_CHOICES,
+    TEACHER_CACHE_MODES,
+    HealOptions,
+)
 from swm_hub.core.options.merge import METHODS, MeasuredCuts, MergeOptions, MethodPreset
 from swm_hub.core.options.push import PUSH_HELP, PushOptions
 
 __all__ = [
+    "AUTOCAST_MODES",
     "BACKENDS",
     "BENCH_HELP",
     "DEFAULT_PRECISION",

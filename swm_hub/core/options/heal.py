@@ -12,6 +12,7 @@ from swm_hub.core.options.common import ExecutionOptions
 
 MODULE_CHOICES: tuple[str, ...] = ("merged", "all")
 TEACHER_CACHE_MODES: tuple[str, ...] = ("auto", "memory", "disk")
+AUTOCAST_MODES: tuple[str, ...] = ("auto", "bf16", "off")
 
 HEAL_HELP: dict[str, str] = {
     "tokens": "training budget in tokens (steps = tokens // (batch size x sequence length))",
@@ -29,6 +30,9 @@ HEAL_HELP: dict[str, str] = {
     "(its top-k log-probabilities computed once and stored in the checkpoint folder, then the model freed) or "
     "auto (memory when both models fit on the device)",
     "top_k": "with the disk cache: teacher probabilities kept per position (the rest of the mass is one bucket)",
+    "autocast": "forward passes of the student and of a teacher in memory in bfloat16 under torch.autocast, while the "
+    "weights, the adapters, the optimizer and the loss stay float32: bf16, off, or auto (bf16 when the weights are "
+    "float32 and the device has bfloat16 arithmetic: a CPU with AMX or AVX512-BF16, or a GPU that supports it)",
     "device": "where the models train: cpu, cuda (one GPU per process: run several with accelerate launch) "
     "or auto (cuda when a GPU is visible)",
     "calib": "training text, a plain-text or JSONL file (a 'text' field per line); default: the plan's "
@@ -52,6 +56,7 @@ class HealOptions:
     checkpoint_every: int = 50
     teacher_cache: str = "auto"
     top_k: int = 64
+    autocast: str = "auto"
     calib: Path | None = None
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
@@ -66,9 +71,15 @@ class HealOptions:
         for flag, choice, allowed in (
             ("--modules", self.modules, MODULE_CHOICES),
             ("--teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES),
+            ("--autocast", self.autocast, AUTOCAST_MODES),
         ):
             if choice not in allowed:
                 raise InvalidOptionError(f"{flag} must be one of {', '.join(allowed)}, got {choice!r}")
+        if self.autocast == "bf16" and self.execution.dtype == "float16":
+            raise InvalidOptionError(
+                "--autocast bf16 runs float32 weights in bfloat16, and --dtype float16 already computes in "
+                "float16: drop one of the two"
+            )
         if self.execution.mode == "layerwise":
             raise InvalidOptionError(
                 "heal trains the compressed model in memory, so --execution layerwise does not apply to it; "

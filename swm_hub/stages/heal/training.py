@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -381,6 +381,13 @@ class TrainingPlan:
     checkpoint_every: int
     boundaries: tuple[tuple[int, int], ...]
     """(student layer, teacher layer) whose outputs the hidden-state term compares, one per merged window."""
+    autocast: torch.dtype | None = None
+    """The dtype the forward passes autocast to (None: they run in the weights' dtype)."""
+
+
+def forward_precision(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """The forward passes' arithmetic: autocast to ``dtype``; the loss is computed outside it, in float32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @dataclass
@@ -501,9 +508,12 @@ def _one_step(
     for group in optimizer.param_groups:
         group["lr"] = plan.lr * learning_rate_factor(step, plan.steps)
     ids = blocks[list(rows)]
-    targets = teacher.targets(rows, ids)
     want_hidden = plan.hidden_weight > 0 and bool(plan.boundaries)
-    output = model(input_ids=ids.to(_input_device(model)), use_cache=False, output_hidden_states=want_hidden)
+    with forward_precision(accelerator.device, plan.autocast):
+        targets = teacher.targets(rows, ids)
+        output = model(
+            input_ids=ids.to(_input_device(model)), use_cache=False, output_hidden_states=want_hidden
+        )
     student_hidden = [output.hidden_states[layer + 1] for layer, _ in plan.boundaries] if want_hidden else []
     loss = distillation_loss(output.logits, student_hidden, targets, plan.hidden_weight)
     accelerator.backward(loss)
