@@ -39,8 +39,8 @@ from swm_hub.core.atomic import (
 )
 from swm_hub.core.config_rewrite import check_kept
 from swm_hub.core.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
+from swm_hub.core.model import decoder_layers
 from swm_hub.core.shards import CheckpointReader, StreamingShardWriter, TensorSpec
-from swm_hub.runtime.layer_trace import decoder_layers
 
 __all__ = [
     "build_model",

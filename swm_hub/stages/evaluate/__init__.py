@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from swm_hub.core.calibration import blocks_by_kind
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import DROP_BASELINES, CalibrationOptions, EvalOptions, check_block_length
 from swm_hub.core.similarity import io_redundancy, mean_cosine
 from swm_hub.core.texts import TextSource
@@ -25,7 +26,7 @@ from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.execution import Loss, batch_losses, execution_of
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden
-from swm_hub.runtime.loading import LoadedModel, pull_for
+from swm_hub.runtime.loading import pull_for
 from swm_hub.runtime.tracing import calibration_batches
 
 EVAL_BATCH = 8

@@ -21,6 +21,7 @@ from swm_hub.core.architectures import ArchitectureSpec, spec_for, spec_for_conf
 from swm_hub.core.config_rewrite import kept_layers, rewrite_config
 from swm_hub.core.errors import ImpossibleTargetError, InvalidMergeError, InvalidOptionError
 from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.model import LoadedModel, decoder_layers
 from swm_hub.core.options import METHODS, CalibrationOptions, MergeOptions, check_block_length
 from swm_hub.core.shards import TensorSpec, cast_floating
 from swm_hub.results.plan import PLAN_FILE, MergePlan
@@ -37,9 +38,8 @@ from swm_hub.runtime.checkpoint import (
     verify_folder_loads,
 )
 from swm_hub.runtime.execution import execution_of
-from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers
+from swm_hub.runtime.layer_trace import BatchTrace, LogitHead
 from swm_hub.runtime.layerwise import StreamedLayers
-from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import (
     analyze_traces,
     calibration_batches,
@@ -216,10 +216,10 @@ def write_merged(
     it is written.
     """
     extra_files = {PLAN_FILE: plan.to_json()}
-    if loaded.streamed is None:
-        params_after = _save_whole(loaded, plan, traces, folder, extra_files, progress)
-    else:
+    if isinstance(loaded.streamed, StreamedLayers):
         params_after = _save_streamed(loaded, loaded.streamed, plan, traces, folder, extra_files, progress)
+    else:
+        params_after = _save_whole(loaded, plan, traces, folder, extra_files, progress)
     if report is not None:
         report.save(folder)
     return MergeResult(
