@@ -1,12 +1,13 @@
 """The model card: a README.md for a compressed folder, filled only from the results saved in that folder.
 
 ``build_context`` reads what the stages wrote (``swm_plan.json`` always; ``similarity.json`` and
-``similarity.png``, ``eval.json``, ``bench.json`` and ``onnx/`` when those stages ran) and the weights' own
-headers, into one typed ``CardContext``; each result file is read by the ``load`` of its type in
-``swm_hub.results``, so the card only composes sections from objects. A section whose results were not measured is ``None`` in the
-context and absent from the card: nothing is estimated or filled in. ``render_context`` renders the
-packaged Jinja template with ``StrictUndefined``, so a value the template needs and the context lacks fails
-instead of rendering blank, and puts the Hub metadata (``ModelCardData``) on top.
+``similarity.png``, ``eval.json``, ``bench.json`` and ``onnx/`` when those stages ran), the weights' own
+headers (``ParamCounts``) and the base model's licence (``core.license``) into one typed ``CardContext``;
+each result is read by its type in ``swm_hub.results``, so the card only composes sections from objects. A
+section whose results were not measured is ``None`` in the context and absent from the card: nothing is
+estimated or filled in. ``render_context`` renders the packaged Jinja template with ``StrictUndefined``, so
+a value the template needs and the context lacks fails instead of rendering blank, and puts the Hub
+metadata (``ModelCardData``) on top.
 
 The Hub reads ``base_model_relation`` from the metadata, and accepts only ``adapter``, ``merge``,
 ``quantized`` and ``finetune`` (huggingface/hub-docs ``docs/hub/model-cards.md``, "Specifying a base
@@ -20,35 +21,29 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from importlib import resources
-from math import prod
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub import ModelCard, ModelCardData
 
-from swm_hub.core.architectures import spec_for
 from swm_hub.core.atomic import write_text_atomically
-from swm_hub.core.errors import (
-    CorruptWeightsError,
-    ResultFileError,
-    ResultFileVersionError,
-    SwmHubError,
-)
+from swm_hub.core.errors import ResultFileError, ResultFileVersionError
 from swm_hub.core.files import BENCH_FILE, CARD_FILE, EVAL_FILE, ONNX_FOLDER, SIMILARITY_JSON, SIMILARITY_PNG
-from swm_hub.core.headers import read_entries
+from swm_hub.core.license import LicenseInfo, base_license
 from swm_hub.core.merge_rules import MERGE_RULES, PAPER_URL
 from swm_hub.core.options import METHODS, MergeOptions
-from swm_hub.core.packaged_models import DEMO_NAMES, demo_gguf_on_disk
+from swm_hub.core.packaged_models import DEMO_NAMES
 from swm_hub.core.texts import TextSource
 from swm_hub.results.bench import BenchFile, Measure, SavedBench, Stat
 from swm_hub.results.evaluation import EvalReport, ratios_to_best_drop
 from swm_hub.results.heal import HealInfo, heal_info
 from swm_hub.results.plan import PLAN_FILE, MergePlan, default_repo_name
 from swm_hub.results.similarity import SimilarityReport
+from swm_hub.results.weights import ParamCounts
 
 __all__ = [
     "BASE_MODEL_RELATION",
@@ -59,13 +54,10 @@ __all__ = [
     "CardContext",
     "HeatmapInfo",
     "LatencyTable",
-    "LicenseInfo",
     "MethodInfo",
-    "ParamCounts",
     "PerplexityInfo",
     "PerplexityLine",
     "WindowRow",
-    "base_license",
     "build_context",
     "card_metadata",
     "render_card",
@@ -82,7 +74,6 @@ TEMPLATE_NAME: str = "model_card.md.j2"
 BASE_MODEL_RELATION: str = "finetune"
 """The Hub's relation for one base model's weights, changed; see the module docstring."""
 CARD_TAGS: tuple[str, ...] = ("swm", "pruned", "sliding-window-merging", "layer-merging")
-UNKNOWN_LICENSE: str = "other"
 HUB_URL: str = "https://huggingface.co"
 
 PAPER_TITLE: str = "Sliding-Window Merging for Compacting Patch-Redundant Layers in LLMs"
@@ -123,16 +114,6 @@ class BaseInfo:
 
 
 @dataclass(frozen=True)
-class LicenseInfo:
-    """The base model's licence as its own files state it; ``source`` is None when none could be read."""
-
-    license: str
-    name: str | None
-    link: str | None
-    source: str | None
-
-
-@dataclass(frozen=True)
 class MethodInfo:
     """The method preset, the consolidation rule and the threshold the search settled on."""
 
@@ -155,19 +136,6 @@ class WindowRow:
     size: int
     new_index: int
     similarity: float | None
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    """Parameters in the saved weights, and before merging when every decoder layer has the same size."""
-
-    before: int | None
-    after: int
-
-    @property
-    def reduction(self) -> float | None:
-        """Percent of the parameters removed."""
-        return None if self.before is None else 100.0 * (self.before - self.after) / self.before
 
 
 @dataclass(frozen=True)
@@ -347,7 +315,7 @@ def build_context(folder: Path, repo_id: str | None = None, name: str | None = N
         layers_before=plan.num_layers,
         layers_after=plan.layers_after,
         removed=plan.removed,
-        params=_param_counts(folder, plan),
+        params=ParamCounts.in_folder(folder, plan),
         method=_method_info(plan),
         calibration=_calibration_text(plan.calibration),
         windows=_window_rows(plan),
@@ -358,7 +326,7 @@ def build_context(folder: Path, repo_id: str | None = None, name: str | None = N
         onnx_folder=ONNX_FOLDER if has_onnx else None,
         reproduce=reproduce_command(plan, name),
         reproduce_plan=reproduce_command(plan, name, with_plan=True),
-        license=base_license(plan),
+        license=base_license(plan.model, plan.base_model, plan.revision),
         tags=[*CARD_TAGS, plan.model_type, *(["onnx"] if has_onnx else [])],
         paper_url=PAPER_URL,
         paper_title=PAPER_TITLE,
@@ -641,107 +609,6 @@ def _speedup(report: SavedBench) -> str | None:
     if measured is not None and ideal is not None:
         return f"measured end-to-end speedup {measured:.2f}x; ideal (layers before / after) {ideal:.2f}x"
     return None
-
-
-# --- weights and licence -----------------------------------------------------------------------------------
-
-
-def _param_counts(folder: Path, plan: MergePlan) -> ParamCounts | None:
-    """Parameter counts from the safetensors headers of the folder.
-
-    The count before merging is the parameters outside the decoder layers plus ``num_layers`` times one
-    layer; it is given only when every kept layer has the same number of parameters.
-    """
-    shapes = _tensor_shapes(folder)
-    if not shapes:
-        return None
-    after = sum(prod(shape) for shape in shapes.values())
-    try:
-        spec = spec_for(plan.model_type)
-    except SwmHubError:
-        return ParamCounts(before=None, after=after)
-    per_layer = [
-        sum(prod(shape) for name, shape in shapes.items() if name.startswith(f"{spec.layers_path}.{index}."))
-        for index in range(plan.layers_after)
-    ]
-    if not per_layer or len(set(per_layer)) != 1 or per_layer[0] == 0:
-        return ParamCounts(before=None, after=after)
-    return ParamCounts(before=after + plan.removed * per_layer[0], after=after)
-
-
-def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name to shape, from the JSON header of each ``*.safetensors`` file (no weights are read)."""
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            shapes.update({entry.name: list(entry.shape) for entry in read_entries(file)})
-        except CorruptWeightsError as exc:
-            logger.warning("cannot read the header of %s (%s): no parameter counts in the card", file, exc)
-            return {}
-    return shapes
-
-
-_LicenseFound = tuple[str, str | None, str | None]
-
-
-def base_license(plan: MergePlan) -> LicenseInfo:
-    """The base model's licence from its own files on this machine, or ``other`` with no source."""
-    for source, reader in _license_sources(plan):
-        try:
-            found = reader()
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            logger.debug("no licence from %s: %s", source, exc)
-            continue
-        if found is not None:
-            license_id, name, link = found
-            return LicenseInfo(license=license_id, name=name, link=link, source=source)
-    return LicenseInfo(license=UNKNOWN_LICENSE, name=None, link=None, source=None)
-
-
-def _license_sources(plan: MergePlan) -> list[tuple[str, Callable[[], _LicenseFound | None]]]:
-    """(description, reader) pairs, most direct first; each reader returns the licence or None."""
-    sources: list[tuple[str, Callable[[], _LicenseFound | None]]] = []
-    local = Path(plan.model).expanduser()
-    demo_file = demo_gguf_on_disk(plan.model)
-    if demo_file is not None:
-        sources.append(("the metadata of its GGUF file", lambda: _gguf_license(demo_file)))
-    elif local.is_file() and local.suffix.lower() == ".gguf":
-        sources.append(("the metadata of its GGUF file", lambda: _gguf_license(local)))
-    elif local.is_dir():
-        sources.append(("its model card", lambda: _card_license(local / CARD_FILE)))
-    if plan.base_model is not None:
-        hub_id = plan.base_model
-        sources.append(("its model card on the Hub", lambda: _cached_card_license(hub_id, plan.revision)))
-    return sources
-
-
-def _gguf_license(file: Path) -> _LicenseFound | None:
-    import gguf
-
-    field = gguf.GGUFReader(file).get_field("general.license")
-    value = field.contents() if field is not None else None
-    return (value, None, None) if isinstance(value, str) and value.strip() else None
-
-
-def _card_license(readme: Path) -> _LicenseFound | None:
-    if not readme.is_file():
-        return None
-    data = ModelCard.load(readme, ignore_metadata_errors=True).data
-    license_id = data.get("license")
-    if not isinstance(license_id, str) or not license_id.strip():
-        return None
-    name, link = data.get("license_name"), data.get("license_link")
-    return (
-        license_id,
-        name if isinstance(name, str) else None,
-        link if isinstance(link, str) else None,
-    )
-
-
-def _cached_card_license(hub_id: str, revision: str | None) -> _LicenseFound | None:
-    """The base model's README.md if the Hub cache holds it; never goes online."""
-    cached = try_to_load_from_cache(hub_id, CARD_FILE, revision=revision)
-    return _card_license(Path(cached)) if isinstance(cached, str) else None
 
 
 # --- template filters --------------------------------------------------------------------------------------
