@@ -51,6 +51,7 @@ from swm_hub.core.options import (
     PushOptions,
 )
 from swm_hub.pipeline import analyze as analyze_recipe
+from swm_hub.results.plan import MergePlan
 from swm_hub.runtime import execution
 from swm_hub.stages.evaluate import evaluate
 
@@ -656,6 +657,44 @@ def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
     assert [row["dropped"] for row in together] == [list(row.dropped) for row in separate]
     for got, want in zip(together, separate, strict=True):
         assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-5), want.name
+
+
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+def test_compress_eval_export_loads_the_written_model_once(
+    mode: str, tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's reload check, the evaluation, the export and its validation share one load of the
+    written model (layer-wise, the export's); the plan is read back once, by the card."""
+    loads: list[Path] = []
+    real_load = AutoModelForCausalLM.from_pretrained
+
+    def counted_load(cls: type, path: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    plan_reads: list[Path] = []
+    real_read = MergePlan.from_file
+
+    def counted_read(cls: type, path: Path) -> MergePlan:
+        plan_reads.append(Path(path))
+        return real_read(path)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted_load))
+    monkeypatch.setattr(MergePlan, "from_file", classmethod(counted_read))
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--eval", "--export", "onnx"]
+    args += ["--device", "cpu", "--execution", mode, "--calib", str(calib_file), *SMALL_CALIB]
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len([path for path in loads if path != tiny_llama_dir]) == 1
+    assert len(plan_reads) == 1
+    assert [row["layers"] for row in json.loads((out / "eval.json").read_text(encoding="utf-8"))["rows"]] == [
+        6,
+        4,
+        4,
+        4,
+    ]
+    assert (out / "onnx" / "model.onnx").is_file()
 
 
 def test_eval_layerwise_prints_the_table(compressed: Compressed, calib_file: Path, tmp_path: Path) -> None:

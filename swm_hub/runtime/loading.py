@@ -82,6 +82,7 @@ from swm_hub.core.packaged_models import (
 from swm_hub.core.shards import CheckpointReader, read_header
 from swm_hub.runtime.checkpoint import (
     build_skeleton,
+    check_layer_count,
     describe_problems,
     refuse_checkpoint_mismatch,
     refuse_non_finite,
@@ -190,6 +191,18 @@ def pull_for(model: str, revision: str | None, execution: ExecutionOptions) -> L
         device=resolve_device(execution.device),
         execution=execution.mode,
     )
+
+
+def pull_written(folder: Path, layers: int, execution: ExecutionOptions) -> LoadedModel:
+    """Pull a folder a merge just wrote, as the stages after it run it, and check it has ``layers`` layers.
+
+    Pulling a folder checks what the merge's own reload would (every tensor the config implies, of its
+    shape, and nothing else; finite weights), so ``compress`` pulls the written model once, for its
+    evaluation and its export, in place of that reload; the layer count is the plan's promise.
+    """
+    written = pull_for(str(folder), None, execution)
+    check_layer_count(folder, written.model, layers)
+    return written
 
 
 def resolve_source(source: str, revision: str | None = None, token: str | None = None) -> ModelSource:

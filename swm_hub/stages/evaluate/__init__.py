@@ -108,18 +108,21 @@ def evaluate(
     progress: bool = False,
     base: LoadedModel | None = None,
     drops: Mapping[str, Sequence[int]] | None = None,
+    merged: LoadedModel | None = None,
+    plan: MergePlan | None = None,
 ) -> EvalReport:
     """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
 
     ``base`` saves loading the base model again when the caller already holds it (``compress --eval``), and
-    ``drops`` (see ``drop_choices``) tracing it again when the caller chose the baselines' layers already.
-    Models are pulled as ``options.execution`` says; layer-wise, none of them is ever whole in memory. On the
-    shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's
-    perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
+    ``drops`` (see ``drop_choices``) tracing it again when the caller chose the baselines' layers already;
+    ``merged`` and ``plan``, the folder's model (pulled as ``options.execution`` says) and plan, save reading
+    them back. Models are pulled as ``options.execution`` says; layer-wise, none of them is ever whole in
+    memory. On the shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each
+    kind's perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
     """
-    plan = MergePlan.in_folder(model_dir)
+    plan = plan or MergePlan.in_folder(model_dir)
     execution, seq_len, blocks, text = options.execution, options.seq_len, options.blocks, options.source
-    merged = pull_for(str(model_dir), None, execution)
+    merged = merged or pull_for(str(model_dir), None, execution)
     check_block_length(merged.config, seq_len)
     heldout = heldout_batches(merged.tokenizer, text, blocks, seq_len)
     merged_row = heldout.row(
