@@ -632,18 +632,24 @@ def test_compress_layerwise_with_eval_writes_the_evaluation(
     assert "perplexity" in (out / "README.md").read_text(encoding="utf-8").lower()
 
 
-def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
-    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The base model is traced once, for the merge; a separate eval, which traces it again, agrees."""
-    traced: list[int] = []
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of calibration batches of each whole-model trace, from now on."""
+    counts: list[int] = []
     real_trace = execution.trace_calibration
 
     def counted(model: torch.nn.Module, batches: Any, progress: bool) -> Any:
-        traced.append(len(batches))
+        counts.append(len(batches))
         return real_trace(model, batches, progress)
 
     monkeypatch.setattr(execution, "trace_calibration", counted)
+    return counts
+
+
+def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
+    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, traced: list[int]
+) -> None:
+    """The base model is traced once, for the merge; a separate eval, which traces it again, agrees."""
     out = tmp_path / "out"
     args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--eval", "--device", "cpu"]
     result = CliRunner().invoke(
@@ -657,6 +663,22 @@ def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
     assert [row["dropped"] for row in together] == [list(row.dropped) for row in separate]
     for got, want in zip(together, separate, strict=True):
         assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-5), want.name
+
+
+def test_eval_ranks_block_influence_by_the_folders_similarity_report(
+    compressed: Compressed, tmp_path: Path, traced: list[int]
+) -> None:
+    """similarity.json holds what drop-bi ranks by, so eval does not trace the base model again for it; the
+    rows are those of the trace. drop-angular's block scores are not in the report: it still traces."""
+    folder = shutil.copytree(compressed.out, tmp_path / "copy")
+    only_bi = EvalOptions(baselines=("drop-bi",), execution=ExecutionOptions(device="cpu"))
+    from_report = evaluate(folder, only_bi).rows
+    assert traced == []
+    evaluate(folder, EvalOptions(execution=ExecutionOptions(device="cpu")))
+    assert len(traced) == 1
+    (folder / "similarity.json").unlink()
+    assert evaluate(folder, only_bi).rows == from_report
+    assert len(traced) == 2
 
 
 @pytest.mark.parametrize("mode", ["whole", "layerwise"])
