@@ -47,9 +47,10 @@ from torch import nn
 
 from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.model import LoadedModel, decoder_layers
 from swm_hub.core.texts import TextSource, even_counts, read_texts
-from swm_hub.runtime.layer_trace import BatchTrace, decoder_layers, passing_through, trace_batch
-from swm_hub.runtime.loading import GEMMA3_NAME, LoadedModel, pull
+from swm_hub.runtime.layer_trace import BatchTrace, passing_through, trace_batch
+from swm_hub.runtime.loading import GEMMA3_NAME, pull
 from swm_hub.stages.evaluate import DROP_RULES, perplexity, windows_for_dropped
 from swm_hub.stages.merge.gradient_fit import (
     DEFAULT_LR,

@@ -55,12 +55,13 @@ import torch.nn.functional as F  # noqa: N812
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions, ExecutionOptions, HealOptions, MergeOptions
 from swm_hub.pipeline.heal_comparison import HealComparer
 from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.layer_trace import BatchTrace
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.stages.heal import HealResult, adapted_module_names, autocast_dtype, heal_model, training_blocks
 from swm_hub.stages.heal.training import forward_precision
 from swm_hub.stages.merge import build_merged_model, plan_merge

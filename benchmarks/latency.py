@@ -45,10 +45,11 @@ from typing import Any
 import torch
 
 from swm_hub import MergeOptions, compress
+from swm_hub.core.model import LoadedModel, ModelSource
 from swm_hub.core.options import BenchOptions
 from swm_hub.results.bench import BenchReport
 from swm_hub.runtime.checkpoint import output_folder, save_model_folder
-from swm_hub.runtime.loading import LoadedModel, ModelSource, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.stages.bench import bench, bench_loaded
 from swm_hub.stages.export import export_onnx
 

@@ -43,11 +43,12 @@ import torch
 from torch import nn
 
 from swm_hub.core.architectures import ArchitectureSpec
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import MergeOptions
 from swm_hub.core.texts import KINDS, TextSource
 from swm_hub.runtime.execution import batch_losses, execution_of
 from swm_hub.runtime.layer_trace import BatchTrace
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages import merge as merge_stage
 from swm_hub.stages.evaluate import (

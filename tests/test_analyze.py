@@ -13,12 +13,13 @@ import torch
 from conftest import TINY_LAYERS, TINY_TEXT
 
 from swm_hub.core.errors import CalibrationDataError, InvalidOptionError, ResultFileError
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions
 from swm_hub.core.similarity import PAIRWISE_METRICS
 from swm_hub.core.texts import TextSource
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.layer_trace import BatchTrace
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import analyze_traces, calibration_batches, trace_calibration
 from swm_hub.stages.analyze import DEFAULT_CALIBRATION, analyze_model
 

@@ -51,6 +51,7 @@ from swm_hub.core.options import (
     PushOptions,
 )
 from swm_hub.pipeline import analyze as analyze_recipe
+from swm_hub.results.plan import MergePlan
 from swm_hub.runtime import execution
 from swm_hub.stages.evaluate import evaluate
 
@@ -631,18 +632,24 @@ def test_compress_layerwise_with_eval_writes_the_evaluation(
     assert "perplexity" in (out / "README.md").read_text(encoding="utf-8").lower()
 
 
-def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
-    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The base model is traced once, for the merge; a separate eval, which traces it again, agrees."""
-    traced: list[int] = []
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of calibration batches of each whole-model trace, from now on."""
+    counts: list[int] = []
     real_trace = execution.trace_calibration
 
     def counted(model: torch.nn.Module, batches: Any, progress: bool) -> Any:
-        traced.append(len(batches))
+        counts.append(len(batches))
         return real_trace(model, batches, progress)
 
     monkeypatch.setattr(execution, "trace_calibration", counted)
+    return counts
+
+
+def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
+    tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, traced: list[int]
+) -> None:
+    """The base model is traced once, for the merge; a separate eval, which traces it again, agrees."""
     out = tmp_path / "out"
     args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--eval", "--device", "cpu"]
     result = CliRunner().invoke(
@@ -656,6 +663,60 @@ def test_compress_eval_chooses_the_drop_baselines_on_the_merges_own_traces(
     assert [row["dropped"] for row in together] == [list(row.dropped) for row in separate]
     for got, want in zip(together, separate, strict=True):
         assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-5), want.name
+
+
+def test_eval_ranks_block_influence_by_the_folders_similarity_report(
+    compressed: Compressed, tmp_path: Path, traced: list[int]
+) -> None:
+    """similarity.json holds what drop-bi ranks by, so eval does not trace the base model again for it; the
+    rows are those of the trace. drop-angular's block scores are not in the report: it still traces."""
+    folder = shutil.copytree(compressed.out, tmp_path / "copy")
+    only_bi = EvalOptions(baselines=("drop-bi",), execution=ExecutionOptions(device="cpu"))
+    from_report = evaluate(folder, only_bi).rows
+    assert traced == []
+    evaluate(folder, EvalOptions(execution=ExecutionOptions(device="cpu")))
+    assert len(traced) == 1
+    (folder / "similarity.json").unlink()
+    assert evaluate(folder, only_bi).rows == from_report
+    assert len(traced) == 2
+
+
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+def test_compress_eval_export_loads_the_written_model_once(
+    mode: str, tiny_llama_dir: Path, calib_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's reload check, the evaluation, the export and its validation share one load of the
+    written model (layer-wise, the export's); the plan is read back once, by the card."""
+    loads: list[Path] = []
+    real_load = AutoModelForCausalLM.from_pretrained
+
+    def counted_load(cls: type, path: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    plan_reads: list[Path] = []
+    real_read = MergePlan.from_file
+
+    def counted_read(cls: type, path: Path) -> MergePlan:
+        plan_reads.append(Path(path))
+        return real_read(path)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted_load))
+    monkeypatch.setattr(MergePlan, "from_file", classmethod(counted_read))
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--eval", "--export", "onnx"]
+    args += ["--device", "cpu", "--execution", mode, "--calib", str(calib_file), *SMALL_CALIB]
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len([path for path in loads if path != tiny_llama_dir]) == 1
+    assert len(plan_reads) == 1
+    assert [row["layers"] for row in json.loads((out / "eval.json").read_text(encoding="utf-8"))["rows"]] == [
+        6,
+        4,
+        4,
+        4,
+    ]
+    assert (out / "onnx" / "model.onnx").is_file()
 
 
 def test_eval_layerwise_prints_the_table(compressed: Compressed, calib_file: Path, tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ from torch import nn
 
 from swm_hub.core.architectures import ArchitectureSpec, spec_for, spec_for_config
 from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.model import LoadedModel, decoder_layers
 from swm_hub.core.options import CalibrationOptions
-from swm_hub.runtime.layer_trace import BatchTrace, decoder_layers, hidden_of, run_layers
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.layer_trace import BatchTrace, hidden_of, run_layers
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.merge.gradient_fit import default_trained
 from swm_hub.stages.merge.layer_parameters import norm_parameter_names

@@ -12,6 +12,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -221,6 +222,29 @@ def test_forced_external_data_is_one_file_beside_the_graph_and_the_export_is_qui
     ]  # type: ignore[attr-defined]
     assert not exporter_warnings, [str(w.message) for w in exporter_warnings]
     assert "Tracer" not in capfd.readouterr().err
+
+
+def test_one_load_serves_the_trace_and_the_validation_and_a_held_model_serves_both(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's model in the export's precision and on its device is traced, validated against and left in
+    eval mode; one in another precision is left alone, and the folder is loaded once for both steps."""
+    folder = tiny_model_dir("llama")
+    held = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    held.train(False)
+    loads: list[Path] = []
+    real_load = AutoModelForCausalLM.from_pretrained
+
+    def counted_load(cls: type, path: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted_load))
+    assert export_onnx(folder, tmp_path / "held", model=held).checks
+    assert loads == []
+    assert not held.training
+    assert export_onnx(folder, tmp_path / "other", model=held.to(torch.float64)).checks
+    assert loads == [folder]
 
 
 def test_a_graph_without_kv_cache_is_refused(tmp_path: Path) -> None:

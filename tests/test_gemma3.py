@@ -21,10 +21,11 @@ import torch
 
 from swm_hub.core import packaged_models
 from swm_hub.core.errors import CorruptWeightsError, InvalidOptionError, OutputWriteError, UnknownModelError
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import MergeOptions
 from swm_hub.core.packaged_models import GEMMA3_NAME, cache_folder
 from swm_hub.core.texts import KINDS, TextSource
-from swm_hub.runtime.loading import LoadedModel, pull, resolve_source
+from swm_hub.runtime.loading import pull, resolve_source
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.evaluate import heldout_batches, perplexity
 from swm_hub.stages.merge import build_merged_model, plan_merge

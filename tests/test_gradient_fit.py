@@ -12,7 +12,8 @@ from torch import nn
 
 from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.merge_rules import MERGE_RULES
-from swm_hub.runtime.layer_trace import BatchTrace, decoder_layers, run_layers, trace_batch
+from swm_hub.core.model import decoder_layers
+from swm_hub.runtime.layer_trace import BatchTrace, run_layers, trace_batch
 from swm_hub.runtime.loading import pull
 from swm_hub.stages.merge.gradient_fit import GradientFitRecord, default_trained, gradient_refit
 from swm_hub.stages.merge.layer_parameters import norm_parameter_names

@@ -22,13 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from swm_hub.cli import app
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions, EvalOptions, ExecutionOptions, MergeOptions
 from swm_hub.core.texts import TextSource
 from swm_hub.pipeline import compress as compress_recipe
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime import tracing
 from swm_hub.runtime.layer_trace import BatchTrace
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.ort import OrtCausalLM
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.evaluate import DROP_RULES, evaluate, perplexity, windows_for_dropped

@@ -85,6 +85,18 @@ def test_imports_go_downwards(path: Path) -> None:
     assert _problems(_module_name(path), _imported(path)) == []
 
 
+def test_the_core_imports_only_the_core() -> None:
+    """The core sits below everything: the model types the runtime builds are defined there, not imported."""
+    core = PACKAGE / "core"
+    above = {
+        _module_name(path): sorted(t for t in _imported(path) if not t.startswith("swm_hub.core"))
+        for path in _modules()
+        if core in path.parents
+    }
+    assert {module: targets for module, targets in above.items() if targets} == {}
+    assert len(_problems("swm_hub.core.model", {"swm_hub.runtime.layerwise", "swm_hub.results.plan"})) == 2
+
+
 def test_the_check_sees_wrong_way_imports(tmp_path: Path) -> None:
     """The check itself: a core module importing a stage, and one stage importing another, are caught."""
     probe = tmp_path / "probe.py"

@@ -17,11 +17,12 @@ from transformers import AutoModelForCausalLM
 from swm_hub.core import devices
 from swm_hub.core.devices import choose_execution, resolve_device
 from swm_hub.core.errors import CorruptWeightsError, DeviceUnavailableError, InvalidOptionError
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions, EvalOptions, ExecutionOptions, MergeOptions
 from swm_hub.runtime import layerwise
 from swm_hub.runtime.execution import batch_losses, streamed_losses
 from swm_hub.runtime.layerwise import activation_cache, trace_layerwise
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.analyze import analyze_model
 from swm_hub.stages.evaluate import DROP_RULES, evaluate

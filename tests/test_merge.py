@@ -23,9 +23,10 @@ from swm_hub.core.errors import (
     OutputExistsError,
     PlanMismatchError,
 )
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import METHODS, CalibrationOptions, MeasuredCuts, MergeOptions
 from swm_hub.results.plan import PLAN_FILE, MergePlan
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.stages import merge as merge_module
 from swm_hub.stages.merge import MergeResult, layers_to_remove, merge
 

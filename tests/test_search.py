@@ -10,12 +10,13 @@ from conftest import TINY_LAYERS
 
 from swm_hub.core.config_rewrite import kept_layers, rewrite_config
 from swm_hub.core.errors import ImpossibleTargetError, InvalidOptionError
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions
 from swm_hub.core.similarity import mean_cosine
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.checkpoint import build_model
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.merge import merged_state_dict, search_context
 from swm_hub.stages.merge.windows import (

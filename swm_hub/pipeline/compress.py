@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from swm_hub.core.atomic import check_free_space
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import EvalOptions, ExecutionOptions, ExportOptions, MergeOptions, PushOptions
 from swm_hub.pipeline.push import check_push, push_folder
 from swm_hub.results.evaluation import EvalReport
@@ -14,7 +15,7 @@ from swm_hub.results.plan import MergePlan
 from swm_hub.results.push import PushResult
 from swm_hub.runtime.checkpoint import output_folder
 from swm_hub.runtime.layer_trace import BatchTrace
-from swm_hub.runtime.loading import pull_for
+from swm_hub.runtime.loading import pull_for, pull_written
 from swm_hub.stages.card import write_card
 from swm_hub.stages.evaluate import drop_choices, evaluate
 from swm_hub.stages.export import export
@@ -55,7 +56,8 @@ def compress(
     the card) goes into one temporary folder that is moved into place once, at the end, so ``out`` never
     holds a half-finished result; the push then uploads the finished folder in one commit.
     The evaluation runs in the execution mode of the merge: layer-wise, it streams the base model, the
-    merged model and the baselines one layer at a time too.
+    merged model and the baselines one layer at a time too. The written model is pulled once for the
+    evaluation and an ONNX export (see ``runs_written_model``), not by each stage again.
     """
     plan = MergePlan.from_file(plan_file) if plan_file is not None else None
     # The plan is already in memory, so --out may replace the folder it came from; the model and the
@@ -74,19 +76,29 @@ def compress(
         def choose_drops(traces: Sequence[BatchTrace], chosen: MergePlan) -> None:
             drops.update(drop_choices(traces, chosen.removed))
 
+        pulled = runs_written_model(run_eval, export_to, loaded)
         merged = merge_into(
-            loaded, temp, options, plan, progress, with_traces=choose_drops if run_eval else None
+            loaded,
+            temp,
+            options,
+            plan,
+            progress,
+            with_traces=choose_drops if run_eval else None,
+            reload=not pulled or heal is not None,  # healing rewrites the folder after the merge
         )
         result = CompressResult(merged.output_dir, merged.plan, merged.params_before, merged.params_after)
         if heal is not None:  # the base model is the teacher; the checkpoints go beside out
             result = replace(result, plan=heal.run(temp, loaded, Path(out), progress).plan)
+        written = pull_written(temp, result.plan.layers_after, execution) if pulled else None
         if run_eval:
-            eval_options = EvalOptions(execution=execution)
-            report = evaluate(temp, eval_options, progress=progress, base=loaded, drops=drops or None)
+            report = evaluate(
+                temp, EvalOptions(execution=execution), progress, loaded, drops or None, written, result.plan
+            )
             report.save(temp)
             result = replace(result, evaluation=report)
         if export_to is not None:
-            export(temp, export_to)
+            export(temp, export_to, model=written.model if written is not None else None)
+        del written  # not held through the push
         write_card(temp, name=Path(out).name)
     result = replace(result, output_dir=Path(out))
     if heal is not None:
@@ -94,6 +106,17 @@ def compress(
     if push_to is not None:
         result = replace(result, pushed=push_folder(Path(out), push_to))
     return result
+
+
+def runs_written_model(run_eval: bool, export_to: ExportOptions | None, loaded: LoadedModel) -> bool:
+    """Whether the stages after the merge share one pull of the written model (see ``pull_written``).
+
+    The evaluation runs it as the base model ran; an ONNX export traces it whole, so it takes that pull
+    only when the model runs whole, and loads the folder itself otherwise. That pull stands for the merge's
+    own reload check.
+    """
+    onnx = export_to is not None and "onnx" in export_to.formats
+    return run_eval or (onnx and loaded.streamed is None)
 
 
 def check_output_space(folder: Path, model: Path, exports: int) -> None:

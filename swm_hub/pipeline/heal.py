@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import HealOptions
 from swm_hub.core.texts import TextSource
 from swm_hub.pipeline.heal_comparison import HealComparer
-from swm_hub.runtime.loading import LoadedModel
 from swm_hub.stages.card import write_card
 from swm_hub.stages.heal import ComparerFactory, HealResult, StepReport
 from swm_hub.stages.heal import heal as heal_stage

@@ -18,6 +18,7 @@ from functools import cached_property
 from torch import nn
 from transformers import PreTrainedModel
 
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions
 from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import PerplexityRow
@@ -25,7 +26,6 @@ from swm_hub.results.heal import HealComparison, HealComparisonRow
 from swm_hub.results.plan import MergePlan
 from swm_hub.runtime.execution import batch_losses
 from swm_hub.runtime.layer_trace import BatchTrace
-from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import calibration_batches, trace_calibration
 from swm_hub.stages.evaluate import (
     DROP_RULES,

@@ -39,12 +39,13 @@ from swm_hub.core.atomic import (
 )
 from swm_hub.core.config_rewrite import check_kept
 from swm_hub.core.errors import CorruptWeightsError, OutputExistsError, PlanMismatchError
+from swm_hub.core.model import decoder_layers
 from swm_hub.core.shards import CheckpointReader, StreamingShardWriter, TensorSpec
-from swm_hub.runtime.layer_trace import decoder_layers
 
 __all__ = [
     "build_model",
     "build_skeleton",
+    "check_layer_count",
     "output_folder",
     "save_model_folder",
     "save_streamed_folder",
@@ -317,7 +318,7 @@ def verify_folder_loads(folder: Path, expected_layers: int) -> None:
     model, info = loaded
     problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     _refuse_problems(folder, {kind: [str(key) for key in keys] for kind, keys in problems.items() if keys})
-    _check_layer_count(folder, model, expected_layers)
+    check_layer_count(folder, model, expected_layers)
 
 
 def verify_folder_headers(folder: Path, expected_layers: int) -> None:
@@ -332,7 +333,7 @@ def verify_folder_headers(folder: Path, expected_layers: int) -> None:
     except _LOAD_ERRORS as error:
         raise CorruptWeightsError(folder, f"its config does not load: {error}") from error
     _refuse_problems(folder, checkpoint_problems(CheckpointReader(folder), model))
-    _check_layer_count(folder, model, expected_layers)
+    check_layer_count(folder, model, expected_layers)
 
 
 def checkpoint_problems(reader: CheckpointReader, model: PreTrainedModel) -> dict[str, list[str]]:
@@ -425,7 +426,7 @@ def _refuse_problems(folder: Path, problems: Mapping[str, Sequence[str]]) -> Non
         raise CorruptWeightsError(folder, f"weights do not match the config: {describe_problems(problems)}")
 
 
-def _check_layer_count(folder: Path, model: PreTrainedModel, expected_layers: int) -> None:
+def check_layer_count(folder: Path, model: PreTrainedModel, expected_layers: int) -> None:
     """Both the built layers and the config's count must be what the plan promised."""
     spec = spec_for_config(model.config)
     built = len(decoder_layers(model, spec))

@@ -20,14 +20,14 @@ from transformers import PreTrainedModel
 from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.devices import offloaded_modules
 from swm_hub.core.errors import InvalidOptionError
-from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers, passing_through
+from swm_hub.core.model import LoadedModel, decoder_layers
+from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, passing_through
 from swm_hub.runtime.layerwise import (
     StreamedLayers,
     activation_cache,
     final_hidden_layerwise,
     trace_layerwise,
 )
-from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import trace_calibration
 
 Loss = tuple[float, int]
@@ -96,7 +96,7 @@ Execution = WholeExecution | LayerwiseExecution
 
 def execution_of(loaded: LoadedModel) -> Execution:
     """How ``loaded`` runs, as it was pulled (``--execution``)."""
-    if loaded.streamed is not None:
+    if isinstance(loaded.streamed, StreamedLayers):
         return LayerwiseExecution(loaded, loaded.streamed)
     return WholeExecution(loaded)
 

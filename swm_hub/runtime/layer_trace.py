@@ -20,21 +20,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from swm_hub.core.architectures import ArchitectureSpec, spec_for_config
+from swm_hub.core.model import decoder_layers
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
-    """The module at a dotted path of the registry (``model.layers``)."""
+    """The module at a dotted path of the registry (``model.norm``)."""
     return model.get_submodule(dotted)
-
-
-def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
-    """The decoder ``ModuleList`` named by the registry."""
-    layers = get_submodule(model, spec.layers_path)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{spec.layers_path} is a {type(layers).__name__}, not a ModuleList")
-    return layers
 
 
 def hidden_of(output: Any) -> torch.Tensor:

@@ -35,9 +35,10 @@ from swm_hub.core.architectures import ArchitectureSpec, spec_for_config
 from swm_hub.core.atomic import check_free_space, pause_point
 from swm_hub.core.errors import CorruptWeightsError
 from swm_hub.core.files import GENERATION_CONFIG_FILE
+from swm_hub.core.model import decoder_layers
 from swm_hub.core.shards import CheckpointReader
 from swm_hub.runtime.checkpoint import build_skeleton, refuse_non_finite, stored_tensor_names
-from swm_hub.runtime.layer_trace import BatchTrace, LayerCall, apply_layer, decoder_layers, record_calls
+from swm_hub.runtime.layer_trace import BatchTrace, LayerCall, apply_layer, record_calls
 
 logger = logging.getLogger(__name__)
 

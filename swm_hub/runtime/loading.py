@@ -22,9 +22,8 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import gguf
 import torch
@@ -41,7 +40,6 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, re-exported without __all__
 from safetensors import SafetensorError
-from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -69,6 +67,7 @@ from swm_hub.core.errors import (
 )
 from swm_hub.core.files import CONFIG_FILE
 from swm_hub.core.hub_http import HTTP_ERRORS, chain, http_status, transport_reason
+from swm_hub.core.model import LoadedModel, ModelSource
 from swm_hub.core.options import ExecutionOptions
 from swm_hub.core.packaged_models import (
     GEMMA3_DISTRIBUTION,
@@ -83,16 +82,14 @@ from swm_hub.core.packaged_models import (
 from swm_hub.core.shards import CheckpointReader, read_header
 from swm_hub.runtime.checkpoint import (
     build_skeleton,
+    check_layer_count,
     describe_problems,
     refuse_checkpoint_mismatch,
     refuse_non_finite,
 )
-from swm_hub.runtime.layer_trace import decoder_layers
-from swm_hub.runtime.layerwise import StreamedLayers, load_skeleton
+from swm_hub.runtime.layerwise import load_skeleton
 
 logger = logging.getLogger(__name__)
-
-SourceKind = Literal["hub", "folder", "gguf"]
 
 _REINSTALL = f"`pip install --force-reinstall {GEMMA3_DISTRIBUTION}`"
 
@@ -172,82 +169,6 @@ _HUB_REASONS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are on disk, and where they came from (for messages and the model card).
-
-    Attributes:
-        kind: ``hub`` (downloaded snapshot), ``folder`` (a user's folder) or ``gguf`` (one GGUF file).
-        ref: the name as the user typed it, normalized: ``org/name[@rev]``, an absolute path, or a demo name.
-        repo_id: the Hub repository the weights come from, when known (also for a demo name, a quantized
-            copy of a Hub model), else None.
-        revision: the branch, tag or commit asked for; None means the default branch.
-        path: the local folder holding the files (for ``hub``: the snapshot folder in the Hub cache).
-        gguf_file: the file name inside ``path`` for the ``gguf`` kind, else None.
-    """
-
-    kind: SourceKind
-    ref: str
-    repo_id: str | None
-    revision: str | None
-    path: Path
-    gguf_file: str | None
-
-    @property
-    def display_name(self) -> str:
-        """A short name for messages and cards: a snapshot folder name (a commit hash) would mean nothing."""
-        if self.kind == "hub" and self.repo_id is not None:
-            return self.repo_id
-        return self.gguf_file if self.gguf_file is not None else self.path.name
-
-    @property
-    def base_model(self) -> str | None:
-        """The Hub id a model card may cite as ``base_model``; the Hub rejects ids that do not exist."""
-        return self.repo_id
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode with frozen weights, its tokenizer, and where both came from.
-
-    In layer-wise execution ``model`` is a skeleton whose decoder layers are on the meta device, and
-    ``streamed`` builds each layer from the safetensors shards when it is indexed.
-    """
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    source: ModelSource
-    streamed: StreamedLayers | None = None
-    checkpoint_dtype: torch.dtype | None = None
-    """The precision the weights are stored in (config.json's ``dtype``); None when unknown (GGUF)."""
-
-    @property
-    def save_dtype(self) -> torch.dtype:
-        """The precision to save a compressed copy in: the run's, or the checkpoint's where that is narrower.
-
-        Computing in float32 must not double the size of a float16 checkpoint on disk, and a run in
-        bfloat16 has nothing more precise to save than bfloat16.
-        """
-        run = next(iter(self.model.parameters())).dtype
-        stored = self.checkpoint_dtype
-        if stored is None or not stored.is_floating_point or stored.itemsize >= run.itemsize:
-            return run
-        return stored
-
-    @property
-    def layers(self) -> Sequence[nn.Module]:
-        """The decoder layers, in memory or streamed; stages index these rather than the model."""
-        if self.streamed is not None:
-            return self.streamed
-        return list(decoder_layers(self.model, spec_for_config(self.model.config)))
-
-    @property
-    def config(self) -> PretrainedConfig:
-        """The live config: stages read the layer count and per-layer fields from it."""
-        config: PretrainedConfig = self.model.config
-        return config
-
-
 def pull(
     source: str,
     revision: str | None = None,
@@ -270,6 +191,18 @@ def pull_for(model: str, revision: str | None, execution: ExecutionOptions) -> L
         device=resolve_device(execution.device),
         execution=execution.mode,
     )
+
+
+def pull_written(folder: Path, layers: int, execution: ExecutionOptions) -> LoadedModel:
+    """Pull a folder a merge just wrote, as the stages after it run it, and check it has ``layers`` layers.
+
+    Pulling a folder checks what the merge's own reload would (every tensor the config implies, of its
+    shape, and nothing else; finite weights), so ``compress`` pulls the written model once, for its
+    evaluation and its export, in place of that reload; the layer count is the plan's promise.
+    """
+    written = pull_for(str(folder), None, execution)
+    check_layer_count(folder, written.model, layers)
+    return written
 
 
 def resolve_source(source: str, revision: str | None = None, token: str | None = None) -> ModelSource:

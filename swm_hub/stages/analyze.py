@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import CalibrationOptions, check_analysis
 from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.execution import execution_of
-from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import (
     analyze_traces,
     calibration_batches,

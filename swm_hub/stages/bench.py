@@ -50,10 +50,11 @@ from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.devices import DTYPES
 from swm_hub.core.errors import InvalidOptionError, UnknownModelError
 from swm_hub.core.files import ONNX_FOLDER
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import BenchOptions
 from swm_hub.results.bench import BenchReport, ModelBench, Stat
 from swm_hub.runtime.genai import GenaiModel, genai_folder, require_genai
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.ort import (
     MODEL_FILE_NAMES,
     OrtCausalLM,

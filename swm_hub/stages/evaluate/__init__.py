@@ -8,6 +8,7 @@ they never drop the first or the last layer, so both sides choose from the same 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,15 +19,21 @@ import torch
 from torch import nn
 
 from swm_hub.core.calibration import blocks_by_kind
+from swm_hub.core.errors import ResultFileError
+from swm_hub.core.files import SIMILARITY_JSON
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import DROP_BASELINES, CalibrationOptions, EvalOptions, check_block_length
 from swm_hub.core.similarity import io_redundancy, mean_cosine
 from swm_hub.core.texts import TextSource
 from swm_hub.results.evaluation import MERGED_PREFIX, EvalReport, PerplexityRow
 from swm_hub.results.plan import MergePlan
+from swm_hub.results.similarity import SimilarityReport
 from swm_hub.runtime.execution import Loss, batch_losses, execution_of
 from swm_hub.runtime.layer_trace import BatchTrace, flat_hidden
-from swm_hub.runtime.loading import LoadedModel, pull_for
+from swm_hub.runtime.loading import pull_for
 from swm_hub.runtime.tracing import calibration_batches
+
+logger = logging.getLogger(__name__)
 
 EVAL_BATCH = 8
 DEFAULT_EVAL = EvalOptions()
@@ -49,10 +56,14 @@ def _perplexity_of(losses: Sequence[Loss]) -> float:
 def drop_by_block_influence(traces: Sequence[BatchTrace], count: int) -> list[int]:
     """ShortGPT: the ``count`` inner layers with the lowest 1 - cos(input, output)."""
     layers = len(traces[0].hidden) - 1
-    influence = {
-        i: io_redundancy(flat_hidden(traces, i), flat_hidden(traces, i + 1)) for i in range(1, layers - 1)
-    }
-    return sorted(sorted(influence, key=influence.__getitem__)[:count])
+    influence = [io_redundancy(flat_hidden(traces, i), flat_hidden(traces, i + 1)) for i in range(layers)]
+    return least_influential(influence, count)
+
+
+def least_influential(influence: Sequence[float], count: int) -> list[int]:
+    """The ``count`` inner layers (never the first or the last) of lowest Block Influence, in layer order."""
+    inner = range(1, len(influence) - 1)
+    return sorted(sorted(inner, key=influence.__getitem__)[:count])
 
 
 def drop_by_angular_distance(traces: Sequence[BatchTrace], count: int) -> list[int]:
@@ -107,18 +118,21 @@ def evaluate(
     progress: bool = False,
     base: LoadedModel | None = None,
     drops: Mapping[str, Sequence[int]] | None = None,
+    merged: LoadedModel | None = None,
+    plan: MergePlan | None = None,
 ) -> EvalReport:
     """Perplexity of a compressed folder, its base model (named in its plan) and the drop baselines.
 
     ``base`` saves loading the base model again when the caller already holds it (``compress --eval``), and
-    ``drops`` (see ``drop_choices``) tracing it again when the caller chose the baselines' layers already.
-    Models are pulled as ``options.execution`` says; layer-wise, none of them is ever whole in memory. On the
-    shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each kind's
-    perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
+    ``drops`` (see ``drop_choices``) tracing it again when the caller chose the baselines' layers already;
+    ``merged`` and ``plan``, the folder's model (pulled as ``options.execution`` says) and plan, save reading
+    them back. Models are pulled as ``options.execution`` says; layer-wise, none of them is ever whole in
+    memory. On the shipped held-out corpus the blocks are shared evenly by its kinds and every row gives each
+    kind's perplexity. The zero-shot tasks of the options are not run here (see ``zeroshot.zero_shot``).
     """
-    plan = MergePlan.in_folder(model_dir)
+    plan = plan or MergePlan.in_folder(model_dir)
     execution, seq_len, blocks, text = options.execution, options.seq_len, options.blocks, options.source
-    merged = pull_for(str(model_dir), None, execution)
+    merged = merged or pull_for(str(model_dir), None, execution)
     check_block_length(merged.config, seq_len)
     heldout = heldout_batches(merged.tokenizer, text, blocks, seq_len)
     merged_row = heldout.row(
@@ -137,11 +151,16 @@ def evaluate(
         text=text.label,
         blocks=blocks,
         seq_len=seq_len,
-        rows=[base_row, merged_row, *_baseline_rows(base, plan, options.baselines, heldout, progress, drops)],
+        rows=[
+            base_row,
+            merged_row,
+            *_baseline_rows(model_dir, base, plan, options.baselines, heldout, progress, drops),
+        ],
     )
 
 
 def _baseline_rows(
+    folder: Path,
     base: LoadedModel,
     plan: MergePlan,
     baselines: Sequence[str],
@@ -151,7 +170,7 @@ def _baseline_rows(
 ) -> list[PerplexityRow]:
     """One row per drop rule, chosen from the calibration traces the merge itself was planned on."""
     if drops is None or not set(baselines) <= drops.keys():
-        drops = _traced_drop_choices(base, plan, baselines, progress)
+        drops = _drop_choices_of(folder, base, plan, baselines, progress)
     rows = []
     for rule in baselines:
         dropped = list(drops[rule])
@@ -165,6 +184,37 @@ def drop_choices(
 ) -> dict[str, list[int]]:
     """The layers each drop rule removes, ``removed`` of them, chosen on the calibration ``traces``."""
     return {rule: DROP_RULES[rule](traces, removed) for rule in baselines}
+
+
+def _drop_choices_of(
+    folder: Path, base: LoadedModel, plan: MergePlan, baselines: Sequence[str], progress: bool
+) -> dict[str, list[int]]:
+    """``drop_choices`` from the folder's similarity report where it holds the rule's scores, else traced.
+
+    The merge saved the report of its own calibration traces: Block Influence per layer is in it (to six
+    decimals), so drop-bi needs no second trace of the base model; drop-angular's scores of whole blocks
+    are not, and a folder without the report (a ``--plan`` run of a rule that needs no calibration) traces.
+    """
+    reported = _reported_block_influence(folder, plan)
+    chosen = (
+        {"drop-bi": least_influential(reported, plan.removed)} if reported and "drop-bi" in baselines else {}
+    )
+    rest = [rule for rule in baselines if rule not in chosen]
+    return {**chosen, **_traced_drop_choices(base, plan, rest, progress)}
+
+
+def _reported_block_influence(folder: Path, plan: MergePlan) -> list[float] | None:
+    """The per-layer Block Influence of similarity.json, when it was measured on this plan's base and text."""
+    if not (folder / SIMILARITY_JSON).is_file():
+        return None
+    try:
+        report = SimilarityReport.load(folder)
+    except ResultFileError as exc:
+        logger.debug("drop-bi is traced again: %s", exc)
+        return None
+    if report.num_layers != plan.num_layers or report.calibration != plan.calibration:
+        return None
+    return report.io_redundancy
 
 
 def _traced_drop_choices(

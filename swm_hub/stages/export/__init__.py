@@ -8,6 +8,7 @@ entry point; each format lives in its own module: ``onnx`` (plain ONNX with KV c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from swm_hub.core.options import ExportOptions
 from swm_hub.stages.export.genai import GenaiExportResult, export_genai
@@ -35,12 +36,13 @@ DEFAULT_EXPORT = ExportOptions()
 
 
 def export(
-    model_dir: Path, options: ExportOptions = DEFAULT_EXPORT
+    model_dir: Path, options: ExportOptions = DEFAULT_EXPORT, model: Any = None
 ) -> dict[str, ExportResult | GenaiExportResult]:
     """Export ``model_dir`` to each of the options' formats (``options.out``, default ``model_dir/<format>``).
 
     The options were checked when they were made (an option the chosen format would ignore is an error), so
-    a wrong combination fails before any export runs.
+    a wrong combination fails before any export runs. ``model`` is the folder's model when the caller holds
+    it already: the ONNX export traces and validates against it where it fits (see ``export_onnx``).
     """
     results: dict[str, ExportResult | GenaiExportResult] = {}
     for name in dict.fromkeys(options.formats):
@@ -59,5 +61,6 @@ def export(
                 dtype=options.dtype,
                 device=options.device,
                 overwrite=options.overwrite,
+                model=model,
             )
     return results

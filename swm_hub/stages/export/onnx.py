@@ -41,10 +41,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
 from swm_hub.core.architectures import ARCHITECTURES, ArchitectureSpec, supported_model_types
-from swm_hub.core.devices import DTYPES
 from swm_hub.core.errors import ExportUnsupportedError, InvalidOptionError
 from swm_hub.core.files import CONFIG_FILE, GENERATION_CONFIG_FILE, ONNX_FOLDER
 from swm_hub.core.options import ONNX_DTYPES, dtype_name
@@ -58,7 +57,14 @@ from swm_hub.runtime.ort import (
     ort_provider,
     require_onnx_runtime,
 )
-from swm_hub.stages.export.validate import OutputCheck, json_record, validate_export
+from swm_hub.stages.export.validate import (
+    OutputCheck,
+    TorchReference,
+    json_record,
+    torch_model,
+    torch_reference,
+    validate_export,
+)
 
 __all__ = [
     "EXTERNAL_DATA_SUFFIX",
@@ -139,6 +145,7 @@ def export_onnx(
     device: str = "cpu",
     overwrite: bool = False,
     atol: float | None = None,
+    model: Any = None,
 ) -> ExportResult:
     """Export the model folder ``model_dir`` to ONNX with KV cache, validated against torch.
 
@@ -152,6 +159,8 @@ def export_onnx(
         device: ``cpu`` or ``cuda``.
         overwrite: replace a non-empty ``out`` (only once the new export has passed validation).
         atol: tolerance of the validation; default: the registry's ``onnx_atol`` (or ``onnx_atol_fp16``).
+        model: the folder's model, when the caller holds it already; traced and validated against if it is
+            in ``dtype`` on ``device`` (see ``validate.torch_model``), else the folder is loaded once for both.
 
     Raises:
         ExportUnsupportedError: the registry has no entry for this model type.
@@ -171,12 +180,13 @@ def export_onnx(
         atol = spec.onnx_atol_fp16 if dtype == "float16" else spec.onnx_atol
     layers = int(config.get(spec.count_key, 0))
 
+    checked_on = _validation_device(dtype, device)
     with output_folder(target, overwrite, protected=(folder,)) as temp:
-        external = _write_graph(folder, temp / MODEL_FILE_NAMES[dtype], dtype, device)
-        _copy_loader_files(folder, temp)
-        checks = validate_export(
-            folder, temp, atol=atol, dtype=dtype, device=_validation_device(dtype, device)
+        external, reference = _write_graph(
+            folder, temp / MODEL_FILE_NAMES[dtype], dtype, device, checked_on, model
         )
+        _copy_loader_files(folder, temp)
+        checks = validate_export(folder, temp, atol=atol, dtype=dtype, device=checked_on, reference=reference)
     result = ExportResult(
         model_dir=folder,
         path=target.absolute(),
@@ -271,6 +281,9 @@ class _DecoderWithCache(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        # torch.onnx.export restores the wrapper's mode after tracing, and with it the model's: an eval-mode
+        # wrapper leaves the model in eval mode for the validation and for a caller that still holds it.
+        self.train(False)
 
     def forward(
         self,
@@ -292,11 +305,15 @@ class _DecoderWithCache(torch.nn.Module):
         return (outputs.logits, *presents)
 
 
-def _write_graph(folder: Path, path: Path, dtype: str, device: str) -> bool:
-    """Trace the model into ``path``; returns whether its weights went to external data."""
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
-    model = model.to(device)
-    model.train(False)
+def _write_graph(
+    folder: Path, path: Path, dtype: str, device: str, checked_on: str, given: Any
+) -> tuple[bool, TorchReference | None]:
+    """Trace the model into ``path``: whether its weights went to external data, and the validation's torch side.
+
+    That side is computed while the traced model is in memory (when the validation runs on the device of
+    the trace), so one load serves both, and the model is freed before the graph is rewritten.
+    """
+    model = torch_model(folder, dtype, device, given)
     tied = _tied_head(model)
     example = _example_inputs(model, device)
     layers = (len(example) - len(INPUT_NAMES)) // 2
@@ -323,11 +340,12 @@ def _write_graph(folder: Path, path: Path, dtype: str, device: str) -> bool:
             opset_version=OPSET,
             dynamo=False,
         )
+    reference = torch_reference(folder, dtype, device, model) if checked_on == device else None
     del model, example
     gc.collect()
     external = _finish_graph(traced / path.name, path, tied)
     shutil.rmtree(traced)
-    return external
+    return external, reference
 
 
 def _example_inputs(model: Any, device: str) -> tuple[torch.Tensor, ...]:

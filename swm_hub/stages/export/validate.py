@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swm_hub.core.architectures import spec_for_config
-from swm_hub.core.devices import DTYPES
+from swm_hub.core.devices import DTYPES, execution_device
 from swm_hub.core.errors import (
     ExportMismatchError,
 )
@@ -40,7 +40,10 @@ __all__ = [
     "MAX_VALIDATION_TOKENS",
     "VALIDATION_PROMPT",
     "OutputCheck",
+    "TorchReference",
     "json_record",
+    "torch_model",
+    "torch_reference",
     "validate_export",
 ]
 
@@ -120,11 +123,14 @@ def validate_export(
     dtype: str = "float32",
     device: str = "cpu",
     prompt: str = VALIDATION_PROMPT,
+    reference: TorchReference | None = None,
 ) -> list[OutputCheck]:
     """Compare the ONNX export in ``onnx_dir`` with the torch model in ``model_dir`` over a short generation.
 
     ``atol`` defaults to the registry's ``onnx_atol`` (``onnx_atol_fp16`` for float16). On ``cuda`` both
     run on the GPU; ONNX Runtime then needs its CUDA execution provider (``onnxruntime-gpu``).
+    ``reference`` is the torch side, when the caller computed it with the model in memory (see
+    ``torch_reference``); otherwise the model is loaded here for it.
 
     Returns:
         One check per output, in output order; all of them passed.
@@ -138,18 +144,15 @@ def validate_export(
     check_device(device, onnx=True)
     dtype = dtype_name(dtype, allowed=tuple(MODEL_FILE_NAMES))
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
-    config = AutoConfig.from_pretrained(model_dir)
     if atol is None:
-        spec = spec_for_config(config)
+        spec = spec_for_config(AutoConfig.from_pretrained(model_dir))
         atol = spec.onnx_atol_fp16 if dtype == "float16" else spec.onnx_atol
-    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
-    cases = _cases(tokenizer, prompt, _sliding_window(config))
-
-    references = _torch_traces(model_dir, cases, DTYPES[dtype], device)
+    reference = reference or torch_reference(model_dir, dtype, device, prompt=prompt)
+    references = reference.traces
     ort_model = OrtCausalLM.load(onnx_dir, device)
     candidates = [
-        _ort_trace(ort_model, case, reference.tokens)
-        for case, reference in zip(cases, references, strict=True)
+        _ort_trace(ort_model, case, trace.tokens)
+        for case, trace in zip(reference.cases, references, strict=True)
     ]
     del ort_model
     gc.collect()
@@ -160,6 +163,51 @@ def validate_export(
     if not all(check.passed for check in checks):
         raise ExportMismatchError(onnx_dir, {check.name: check.max_abs_diff for check in checks}, atol)
     return checks
+
+
+def torch_model(model_dir: Path, dtype: str, device: str, given: Any = None) -> Any:
+    """The folder's model at ``dtype`` on ``device``, in eval mode: ``given`` where it is placed so, else loaded.
+
+    ``given`` is the folder's model a caller already holds (``compress`` pulled it for its evaluation);
+    one on another device or in another precision is not moved, since the caller still uses it.
+    """
+    wanted = DTYPES[dtype]
+    if given is not None and _placed(given, wanted, execution_device(device)):
+        return given
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=wanted)
+    model = model.to(device)
+    model.train(False)
+    return model
+
+
+def _placed(model: Any, dtype: torch.dtype, device: torch.device) -> bool:
+    return all(p.dtype == dtype and p.device == device for p in model.parameters()) and not model.training
+
+
+@dataclass(frozen=True)
+class TorchReference:
+    """The torch side of a validation: the cases, and what transformers produced on each."""
+
+    cases: list[_Case]
+    traces: list[_Trace]
+
+
+def torch_reference(
+    model_dir: Path, dtype: str, device: str, model: Any = None, prompt: str = VALIDATION_PROMPT
+) -> TorchReference:
+    """Run the validation's cases through torch, with ``model`` (see ``torch_model``) or the folder's, loaded.
+
+    An export computes this while it holds the model it traced, so that one load serves both, and frees the
+    model before ONNX Runtime loads the graph.
+    """
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+    cases = _cases(tokenizer, prompt, _sliding_window(config))
+    model = torch_model(model_dir, dtype, device, model)
+    traces = _torch_traces(model, cases, device)
+    del model
+    gc.collect()
+    return TorchReference(cases, traces)
 
 
 # --- the cases -----------------------------------------------------------------------------------------------
@@ -230,15 +278,9 @@ class _Trace:
 
 
 @torch.no_grad()
-def _torch_traces(model_dir: Path, cases: list[_Case], dtype: torch.dtype, device: str) -> list[_Trace]:
+def _torch_traces(model: Any, cases: list[_Case], device: str) -> list[_Trace]:
     """The reference: transformers' forward with its own cache, and the greedy tokens both sides read."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = model.to(device)
-    model.train(False)
-    traces = [_torch_trace(model, case, device) for case in cases]
-    del model
-    gc.collect()
-    return traces
+    return [_torch_trace(model, case, device) for case in cases]
 
 
 def _torch_trace(model: Any, case: _Case, device: str) -> _Trace:

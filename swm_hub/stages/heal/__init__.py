@@ -41,6 +41,7 @@ from swm_hub.core.errors import (
     InvalidOptionError,
     MissingDependencyError,
 )
+from swm_hub.core.model import LoadedModel, decoder_layers
 from swm_hub.core.options import (
     CalibrationOptions,
     ExecutionOptions,
@@ -52,8 +53,7 @@ from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime.checkpoint import build_skeleton, output_folder, save_model_folder, verify_folder_loads
 from swm_hub.runtime.execution import execution_of
-from swm_hub.runtime.layer_trace import decoder_layers
-from swm_hub.runtime.loading import LoadedModel, pull
+from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches
 from swm_hub.stages.heal.teacher import (
     CacheLayout,

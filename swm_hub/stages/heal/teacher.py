@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.atomic import write_text_atomically
-from swm_hub.runtime.layer_trace import decoder_layers
+from swm_hub.core.model import decoder_layers
 from swm_hub.stages.heal.training import TeacherTargets
 
 CACHE_FILE = "cache.json"

@@ -21,6 +21,7 @@ from swm_hub.core.architectures import ArchitectureSpec, spec_for, spec_for_conf
 from swm_hub.core.config_rewrite import kept_layers, rewrite_config
 from swm_hub.core.errors import ImpossibleTargetError, InvalidMergeError, InvalidOptionError
 from swm_hub.core.merge_rules import MERGE_RULES
+from swm_hub.core.model import LoadedModel, decoder_layers
 from swm_hub.core.options import METHODS, CalibrationOptions, MergeOptions, check_block_length
 from swm_hub.core.shards import TensorSpec, cast_floating
 from swm_hub.results.plan import PLAN_FILE, MergePlan
@@ -37,9 +38,8 @@ from swm_hub.runtime.checkpoint import (
     verify_folder_loads,
 )
 from swm_hub.runtime.execution import execution_of
-from swm_hub.runtime.layer_trace import BatchTrace, LogitHead, decoder_layers
+from swm_hub.runtime.layer_trace import BatchTrace, LogitHead
 from swm_hub.runtime.layerwise import StreamedLayers
-from swm_hub.runtime.loading import LoadedModel
 from swm_hub.runtime.tracing import (
     analyze_traces,
     calibration_batches,
@@ -207,19 +207,20 @@ def write_merged(
     folder: Path,
     report: SimilarityReport | None = None,
     progress: bool = False,
+    reload: bool = True,
 ) -> MergeResult:
     """Write the merged model, its tokenizer, generation config and plan into ``folder``, and check them.
 
     ``folder`` is the temporary folder of ``output_folder``. A model in memory is saved whole and reloaded
-    as a check; a streamed one is written layer by layer and checked against its config from the
-    safetensors headers, so that neither step holds the whole model. A non-finite tensor is refused before
-    it is written.
+    as a check (unless ``reload`` is False: the caller pulls the folder next, see ``pull_written``); a
+    streamed one is written layer by layer and checked against its config from the safetensors headers, so
+    that neither step holds the whole model. A non-finite tensor is refused before it is written.
     """
     extra_files = {PLAN_FILE: plan.to_json()}
-    if loaded.streamed is None:
-        params_after = _save_whole(loaded, plan, traces, folder, extra_files, progress)
-    else:
+    if isinstance(loaded.streamed, StreamedLayers):
         params_after = _save_streamed(loaded, loaded.streamed, plan, traces, folder, extra_files, progress)
+    else:
+        params_after = _save_whole(loaded, plan, traces, folder, extra_files, progress, reload)
     if report is not None:
         report.save(folder)
     return MergeResult(
@@ -251,11 +252,13 @@ def _save_whole(
     folder: Path,
     extra: dict[str, str],
     progress: bool,
+    reload: bool,
 ) -> int:
     merged = build_merged_model(loaded, plan, traces, loaded.save_dtype, progress)
     _refuse_non_finite_state(merged.state_dict(), plan)
     save_model_folder(merged, loaded.tokenizer, folder, extra_files=extra)
-    verify_folder_loads(folder, plan.layers_after)
+    if reload:
+        verify_folder_loads(folder, plan.layers_after)
     return sum(p.numel() for p in merged.parameters())
 
 
@@ -381,6 +384,7 @@ def merge_into(
     plan: MergePlan | None = None,
     progress: bool = False,
     with_traces: TraceUser | None = None,
+    reload: bool = True,
 ) -> MergeResult:
     """Search (unless a plan is given), consolidate, and write the checked result into ``folder``.
 
@@ -388,6 +392,7 @@ def merge_into(
     rule still runs one calibration pass, because the refit is computed from calibration activations (the
     other rules need none). ``with_traces`` gets those traces and the plan while they exist, so that the
     pipeline can derive more from them (the drop baselines' layers) without tracing the model again.
+    ``reload=False`` leaves the reload check of a whole model to a caller that pulls the folder next.
     """
     check_merge_inputs(loaded, options, plan)
     batches: list[torch.Tensor] = []
@@ -402,7 +407,7 @@ def merge_into(
         report = _similarity_report(loaded, traces, plan) if traces else None
         if with_traces is not None and traces:
             with_traces(traces, plan)
-        return write_merged(loaded, plan, traces, folder, report, progress)
+        return write_merged(loaded, plan, traces, folder, report, progress, reload)
 
 
 def _refuse_missed_target(plan: MergePlan, options: MergeOptions) -> None:
