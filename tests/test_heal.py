@@ -208,6 +208,24 @@ def test_card_shows_heal_comparison(healed: heal_module.HealResult, tmp_path: Pa
     assert "Healing closed 75.0% of this model's perplexity gap" in card
 
 
+def test_card_names_a_users_heldout_file_by_its_name_only(
+    healed: heal_module.HealResult, tmp_path: Path
+) -> None:
+    assert healed.output_dir is not None
+    folder = tmp_path / "with-comparison"
+    folder.mkdir()
+    for file in ("swm_plan.json", "config.json", "model.safetensors"):
+        (folder / file).write_bytes((healed.output_dir / file).read_bytes())
+    private = tmp_path / "private" / "my-heldout.txt"
+    rows = [
+        HealComparisonRow("base: tiny", 6, 10.0, None),
+        HealComparisonRow("drop-bi", 4, 16.0, 13.0, (2, 3)),
+    ]
+    HealComparison(text=str(private), blocks=4, seq_len=16, tokens=512, rows=rows).save(folder)
+    card = render_card(folder)
+    assert "my-heldout.txt" in card and str(private.parent) not in card
+
+
 def test_all_modules_adapts_every_layer(compressed: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(compressed)
     merged = adapted_module_names(model, plan_of(compressed), "merged")

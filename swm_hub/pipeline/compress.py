@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -96,6 +97,8 @@ def compress(
             )
             report.save(temp)
             result = replace(result, evaluation=report)
+        del loaded  # the export needs no base model: its memory goes to the export's own work
+        gc.collect()
         if export_to is not None:
             export(temp, export_to, model=written.model if written is not None else None)
         del written  # not held through the push

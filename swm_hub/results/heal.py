@@ -10,7 +10,7 @@ training code, so the card can use it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,8 @@ def _info(record: dict[str, Any], comparison: HealComparison | None) -> HealInfo
         loss_min=float(loss["min"]),
         seconds=float(record["seconds"]),
         tokens_per_s=float(record["tokens_per_s"]),
-        comparison=comparison,
+        # a user's held-out file by its name: the card may be pushed, and its path is theirs
+        comparison=replace(comparison, text=_text_name(comparison.text)) if comparison is not None else None,
         gap_closed=comparison.gap_closed() if comparison is not None else None,
     )
 

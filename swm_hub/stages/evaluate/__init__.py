@@ -192,15 +192,14 @@ def _drop_choices_of(
     """``drop_choices`` from the folder's similarity report where it holds the rule's scores, else traced.
 
     The merge saved the report of its own calibration traces: Block Influence per layer is in it (to six
-    decimals), so drop-bi needs no second trace of the base model; drop-angular's scores of whole blocks
-    are not, and a folder without the report (a ``--plan`` run of a rule that needs no calibration) traces.
+    decimals), so drop-bi alone needs no second trace of the base model. drop-angular's scores of whole
+    blocks are not in it, and a folder without the report (a ``--plan`` run of a rule that needs no
+    calibration) has none: those trace, and a trace made anyway ranks drop-bi too, at full precision.
     """
-    reported = _reported_block_influence(folder, plan)
-    chosen = (
-        {"drop-bi": least_influential(reported, plan.removed)} if reported and "drop-bi" in baselines else {}
-    )
-    rest = [rule for rule in baselines if rule not in chosen]
-    return {**chosen, **_traced_drop_choices(base, plan, rest, progress)}
+    reported = _reported_block_influence(folder, plan) if set(baselines) == {"drop-bi"} else None
+    if reported:
+        return {"drop-bi": least_influential(reported, plan.removed)}
+    return _traced_drop_choices(base, plan, baselines, progress)
 
 
 def _reported_block_influence(folder: Path, plan: MergePlan) -> list[float] | None:
