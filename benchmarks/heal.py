@@ -10,7 +10,7 @@ For each removal count in ``--counts`` (SmolLM2-135M has 30 decoder layers):
   ``merged``, on the consolidated layers, and for the drop baseline on the layer kept below each dropped
   run), KL to the dense model on the calibration text, at a learning rate (3e-3) raised for budgets this
   small, with the forward passes in bfloat16 where the CPU has bfloat16 arithmetic (``--autocast auto``, the
-  default: 2.3x the tokens/s of float32 on this project's machine, the same healed perplexity).
+  default: 1.5x the tokens/s of float32 on this project's machine, the same healed perplexity).
 
 Held-out perplexity (``HealComparer``: the shipped held-out split, every kind, in ``--eval-blocks`` blocks
 of ``--eval-len`` tokens) is measured for the dense model once and for both models before and after

@@ -41,7 +41,7 @@ def resolve_device(requested: str) -> str:
 def has_bf16_arithmetic(device: torch.device) -> bool:
     """Whether the device computes in bfloat16 itself, so autocasting to it is a speed-up, not an emulation.
 
-    On this project's 2-core CPU (AMX) a heal step ran 2.3x faster under bfloat16 autocast with the same
+    On this project's 2-core CPU (AMX) a heal step ran 1.5x faster under bfloat16 autocast with the same
     healed perplexity; CPUs without AVX512-BF16 or AMX, and GPUs before Ampere, have no such arithmetic.
     """
     if device.type == "cuda":
