@@ -554,6 +554,27 @@ def test_compress_heal_under_accelerate_launch_says_to_heal_apart_in_one_line(
     assert not out.exists() and not checkpoint_folder(out).exists()
 
 
+@pytest.mark.parametrize("engine", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharded_launch_is_refused_in_one_line_before_any_model_loads(
+    compressed: Path,
+    tmp_path: Path,
+    engine: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """heal is data-parallel only: under FSDP or DeepSpeed it would hold both models whole on every GPU."""
+    monkeypatch.setenv(engine, "true")  # what accelerate launch --use_fsdp / --use_deepspeed sets
+    monkeypatch.setattr(heal_module, "pull", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["swm-hub", "heal", str(compressed), "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: heal trains data-parallel") and "Traceback" not in err
+    assert not out.exists() and not checkpoint_folder(out).exists()
+
+
 def test_an_error_under_accelerate_launch_is_said_by_the_main_process_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -187,6 +187,7 @@ def heal(
     out = Path(out) if out is not None else folder.with_name(f"{folder.name}-healed")
     plan = MergePlan.in_folder(folder)
     _require_peft()
+    refuse_sharded_launch()
     if compare is not None and options.teacher_cache == "disk":
         raise InvalidOptionError(
             "--compare measures the base model and heals a drop baseline from it, so it needs the base model in "
@@ -257,6 +258,7 @@ class HealRequest:
     def check(self, out: Path, execution: ExecutionOptions) -> None:
         """What can be refused before the merge: no peft, layer-wise execution, a checkpoint in the way."""
         _require_peft()
+        refuse_sharded_launch()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise InvalidOptionError(
                 "compress --heal runs in one process, not under accelerate launch: run compress without --heal "
@@ -389,6 +391,30 @@ def refuse_checkpoint_state(store_folder: Path, resume: bool) -> None:
             f"an interrupted heal left a checkpoint in {store_folder} (step {store.saved_step()}): pass --resume "
             "to continue it, or delete that folder to start again"
         )
+
+
+SHARDING_ENGINES: tuple[tuple[str, str], ...] = (
+    ("ACCELERATE_USE_FSDP", "FSDP"),
+    ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+)
+"""The variables ``accelerate launch`` sets for a sharded run, and the engine each names."""
+
+
+def refuse_sharded_launch() -> None:
+    """Refuse FSDP and DeepSpeed launches before any model loads: heal shards nothing yet.
+
+    Every process holds the whole student and teacher (data-parallel), and the adapters are read and merged
+    as whole tensors; under a sharding engine that would fail deep in a step, or not fit at all. FSDP under
+    accelerate runs only on GPUs, so that path could not be built and tested on a CPU.
+    """
+    for variable, engine in SHARDING_ENGINES:
+        if os.environ.get(variable, "false").lower() == "true":
+            raise InvalidOptionError(
+                f"heal trains data-parallel only (every process holds both models whole), and this launch asks "
+                f"for {engine} sharding, which heal does not do yet: launch without it (accelerate config "
+                "distributed_type MULTI_GPU), or, for a model too large for one device, heal on one device with "
+                "--teacher-cache disk"
+            )
 
 
 def make_accelerator(execution: ExecutionOptions) -> Any:
