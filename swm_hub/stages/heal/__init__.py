@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,9 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from swm_hub.core.architectures import spec_for_config
 from swm_hub.core.devices import DTYPES, has_bf16_arithmetic
 from swm_hub.core.errors import (
     CalibrationDataError,
@@ -41,20 +39,28 @@ from swm_hub.core.errors import (
     InvalidOptionError,
     MissingDependencyError,
 )
-from swm_hub.core.model import LoadedModel, decoder_layers
+from swm_hub.core.model import LoadedModel
 from swm_hub.core.options import (
     CalibrationOptions,
     ExecutionOptions,
     HealOptions,
     check_block_length,
 )
-from swm_hub.core.version import __version__
 from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import PLAN_FILE, MergePlan
 from swm_hub.runtime.checkpoint import build_skeleton, output_folder, save_model_folder, verify_folder_loads
 from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches
+from swm_hub.stages.heal.adapters import (
+    adapted_module_names,
+    add_adapters,
+    consolidated_positions,
+    save_adapter,
+    unshare_adapted,
+    window_boundaries,
+)
+from swm_hub.stages.heal.record import heal_record, run_identity
 from swm_hub.stages.heal.teacher import (
     CacheLayout,
     MemoryTeacher,
@@ -69,7 +75,6 @@ from swm_hub.stages.heal.training import (
     CheckpointStore,
     StepReport,
     Teacher,
-    TrainingLog,
     TrainingPlan,
     train,
 )
@@ -84,6 +89,7 @@ __all__ = [
     "HealRequest",
     "HealResult",
     "StepReport",
+    "adapted_module_names",
     "checkpoint_folder",
     "consolidated_positions",
     "heal",
@@ -363,12 +369,12 @@ def heal_model(
         boundaries=boundaries,
         autocast=autocast,
     )
-    identity = _run_identity(plan, options, mode, text, blocks, autocast)
+    identity = run_identity(plan, options, mode, text, blocks, autocast)
     store = CheckpointStore(store_folder, identity) if store_folder is not None else None
     log = train(peft_model, source, blocks, training, accelerator, store, resume, progress, on_step)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if adapter_dir is not None and accelerator.is_main_process:
-        _save_adapter(peft_model, adapter_dir, adapter_base)
+        save_adapter(peft_model, adapter_dir, adapter_base)
     healed: PreTrainedModel = peft_model.merge_and_unload()
     healed.train(False)
     healed.requires_grad_(False)
@@ -478,71 +484,6 @@ def _text_label(plan: MergePlan, options: HealOptions) -> str:
     return str(options.calib.resolve()) if options.calib is not None else str(plan.calibration["text"])
 
 
-def consolidated_positions(windows: Sequence[tuple[int, int]]) -> list[int]:
-    """The compressed model's layer number of each window's consolidated layer (its lowest layer)."""
-    positions, removed = [], 0
-    for low, high in windows:
-        positions.append(low - removed)
-        removed += high - low
-    return positions
-
-
-def window_boundaries(plan: MergePlan) -> tuple[tuple[int, int], ...]:
-    """(student layer, teacher layer) pairs: each consolidated layer's output should be its window's output."""
-    positions = consolidated_positions(plan.windows)
-    return tuple((position, high) for position, (_, high) in zip(positions, plan.windows, strict=True))
-
-
-def adapted_module_names(model: nn.Module, plan: MergePlan, modules: str) -> list[str]:
-    """The linear layers that get adapters, by full module name (PEFT matches them exactly)."""
-    spec = spec_for_config(model.config)
-    layers = decoder_layers(model, spec)
-    positions = consolidated_positions(plan.windows) if modules == "merged" else range(len(layers))
-    return [
-        f"{spec.layers_path}.{position}.{name}"
-        for position in positions
-        for name, module in layers[position].named_modules()
-        if isinstance(module, nn.Linear | Conv1D)
-    ]
-
-
-def unshare_adapted(student: nn.Module, teacher: nn.Module, names: Sequence[str]) -> None:
-    """Give adapted modules weights of their own where they share the teacher's tensors.
-
-    A merged model built in memory shares every tensor it kept with the model it came from, and merging
-    the adapters writes into the adapted weights: without copies, the teacher would change with it.
-    """
-    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
-    for name in names:
-        module = student.get_submodule(name)
-        for attribute, parameter in list(module.named_parameters(recurse=False)):
-            if parameter.untyped_storage().data_ptr() in teacher_storage:
-                setattr(module, attribute, nn.Parameter(parameter.detach().clone(), requires_grad=False))
-
-
-def add_adapters(model: nn.Module, names: Sequence[str], options: HealOptions) -> Any:
-    """The model with LoRA adapters on ``names``, initialised from ``options.seed`` (no dropout: deterministic)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=options.rank,
-        lora_alpha=options.alpha,
-        lora_dropout=0.0,
-        target_modules=list(names),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(options.seed)
-    return get_peft_model(model, config)
-
-
-def _save_adapter(peft_model: Any, folder: Path, base: str | None) -> None:
-    """The adapter in PEFT's own format; it applies to the compressed model before healing."""
-    for config in peft_model.peft_config.values():
-        config.base_model_name_or_path = base
-    peft_model.save_pretrained(folder, save_embedding_layers=False)  # no embedding is ever adapted
-
-
 def _teacher_source(
     teacher: nn.Module | Teacher,
     student: PreTrainedModel,
@@ -602,76 +543,6 @@ def autocast_dtype(options: HealOptions, device: torch.device) -> torch.dtype | 
     if options.autocast == "bf16" or has_bf16_arithmetic(device):
         return torch.bfloat16
     return None
-
-
-def _autocast_name(dtype: torch.dtype | None) -> str:
-    return "bf16" if dtype == torch.bfloat16 else "off"
-
-
-def _run_identity(
-    plan: MergePlan,
-    options: HealOptions,
-    mode: str,
-    text: str,
-    blocks: torch.Tensor,
-    autocast: torch.dtype | None,
-) -> dict[str, Any]:
-    """Everything a resumed run must share with the interrupted one for the two to make one run."""
-    record = options.record()
-    record.pop("checkpoint_every")
-    record.pop("teacher_cache")
-    if mode != "disk":
-        record.pop("top_k")
-    return {
-        "model": plan.model,
-        "windows": [list(window) for window in plan.windows],
-        "merge": plan.merge,
-        "text": text,
-        "blocks": block_fingerprint(blocks),
-        "teacher": mode,
-        "dtype": options.execution.dtype,
-        **record,
-        "autocast": _autocast_name(autocast),  # what ran, not what was asked: auto depends on the machine
-    }
-
-
-def heal_record(
-    plan: MergePlan,
-    options: HealOptions,
-    log: TrainingLog,
-    text: str,
-    blocks: torch.Tensor,
-    mode: str,
-    adapted: int,
-    trainable: int,
-    accelerator: Any,
-    autocast: torch.dtype | None,
-) -> dict[str, Any]:
-    """What the plan records of the heal: budget, options, text, seed, loss curve summary and speed."""
-    record: dict[str, Any] = {
-        "teacher": plan.model,
-        "tokens": options.tokens,
-        "tokens_seen": log.tokens,
-        "steps": log.step,
-        "seed": options.seed,
-        "options": options.record(),
-        "text": text,
-        "blocks": int(blocks.shape[0]),
-        "teacher_cache": mode,
-        "adapted_modules": adapted,
-        "trainable_parameters": trainable,
-        "loss": log.summary(),
-        "seconds": round(log.seconds, 3),
-        "tokens_per_s": round(log.tokens / max(log.seconds, 1e-9), 1),
-        "processes": int(accelerator.num_processes),
-        "dtype": options.execution.dtype,
-        "autocast": _autocast_name(autocast),
-        "resumed_at": log.resumed_at,
-        "swm_hub_version": __version__,
-    }
-    if plan.heal is not None:
-        record["previous"] = plan.heal
-    return record
 
 
 # --- loading and writing ----------------------------------------------------------------------------------------
