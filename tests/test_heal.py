@@ -527,6 +527,28 @@ def test_compress_heal_writes_a_healed_model(
     assert not checkpoint_folder(out).exists()
 
 
+def test_compress_heal_loads_the_merged_folder_once_before_healing(
+    tiny_llama_dir: Path, calibration: CalibrationOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heal pulls what the merge wrote, which checks it as the merge's own reload would have."""
+    loads: list[Path] = []
+    real_load = AutoModelForCausalLM.from_pretrained
+
+    def counted_load(cls: type, path: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted_load))
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--target-layers", "4", "--out", str(out), "--quiet"]
+    args += ["--calib", str(calibration.text), "--samples", "4", "--seq-len", "16", "--batch-size", "2"]
+    args += ["--heal", "--heal-tokens", "128", "--heal-seq-len", "16", "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    written = [path for path in loads if path != tiny_llama_dir]
+    assert len(written) == 2, written  # the heal's student, and the healed folder's reload check
+
+
 def test_compress_heal_refuses_layerwise_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match="drop --execution layerwise"):
         HealRequest(SMALL).check(tmp_path / "out", ExecutionOptions(mode="layerwise"))

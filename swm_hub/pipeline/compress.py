@@ -85,7 +85,7 @@ def compress(
             plan,
             progress,
             with_traces=choose_drops if run_eval else None,
-            reload=not pulled or heal is not None,  # healing rewrites the folder after the merge
+            reload=not pulled and heal is None,  # a pull of the folder comes next and checks it
         )
         result = CompressResult(merged.output_dir, merged.plan, merged.params_before, merged.params_after)
         if heal is not None:  # the base model is the teacher; the checkpoints go beside out

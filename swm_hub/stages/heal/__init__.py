@@ -48,7 +48,13 @@ from swm_hub.core.options import (
 )
 from swm_hub.results.heal import HealComparison
 from swm_hub.results.plan import PLAN_FILE, MergePlan
-from swm_hub.runtime.checkpoint import build_skeleton, output_folder, save_model_folder, verify_folder_loads
+from swm_hub.runtime.checkpoint import (
+    build_skeleton,
+    check_layer_count,
+    output_folder,
+    save_model_folder,
+    verify_folder_loads,
+)
 from swm_hub.runtime.execution import execution_of
 from swm_hub.runtime.loading import pull
 from swm_hub.runtime.tracing import calibration_batches
@@ -299,7 +305,9 @@ def heal_into(
 ) -> HealResult:
     """Heal the model ``compress`` just wrote into its temporary ``folder``, in place, with the base model it holds.
 
-    The caller moves ``folder`` into place and then deletes ``store_folder``.
+    Pulling ``folder`` checks what the merge wrote (the merge leaves its reload check to this pull), and its
+    layer count is checked before any training. The caller moves ``folder`` into place and then deletes
+    ``store_folder``.
     """
     _require_peft()
     teacher_model = execution_of(teacher).in_memory(
@@ -309,6 +317,7 @@ def heal_into(
     plan = MergePlan.in_folder(folder)
     execution = replace(options.execution, mode="whole")
     student = pull(str(folder), dtype=DTYPES[execution.dtype], device="cpu", execution="whole")
+    check_layer_count(folder, student.model, plan.layers_after)
     refuse_checkpoint_state(store_folder, resume)
     healed, result = heal_model(
         student.model,
