@@ -113,6 +113,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--only-throughput", action="store_true", help="skip the perplexity comparison")
     parser.add_argument("--outside", type=Path, help="a folder of *.txt files to measure the models on too")
     args = parser.parse_args(argv)
+    if args.outside is not None and not sorted(args.outside.glob("*.txt")):
+        parser.error(f"--outside {args.outside}: no *.txt file there")
     threads = int(os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
     if args.quick:
         return Settings((9,), 2 * 4 * 64, 64, 4, args.lr, args.modules, args.autocast, 5, 64, threads, 2, 1)
@@ -233,12 +235,9 @@ def run(settings: Settings) -> dict[str, Any]:
 
 def outside_comparers(base: LoadedModel, folder: Path, settings: Settings) -> dict[str, HealComparer]:
     """One held-out measure per ``*.txt`` of ``folder``: texts from outside the repository, never trained on."""
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise SystemExit(f"--outside {folder}: no *.txt file there")
     return {
         path.stem: HealComparer(base, TextSource(path=path), settings.eval_blocks, settings.eval_len)
-        for path in files
+        for path in sorted(folder.glob("*.txt"))
     }
 
 
